@@ -1,0 +1,218 @@
+"""Configuration of a whole Harmon model, and the named presets.
+
+A :class:`HarmonConfig` names one registered component per role (``ComponentSpec``: registry name + config
+overrides, validated against that component's own pydantic config at construction) plus the VAE and the
+model-level settings. Presets are data: ``harmon-0.5b``, ``harmon-1.5b`` and ``tiny``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+
+from harmon.encoders.vae import KLAutoencoderConfig
+from harmon.registry import BACKBONES, DECODERS, ENCODERS, HEADS, Registry
+
+# importing the families registers them
+import harmon.backbones.qwen  # noqa: E402,F401
+import harmon.decoders.mar  # noqa: E402,F401
+import harmon.encoders.mar  # noqa: E402,F401
+import harmon.heads.diffusion  # noqa: E402,F401
+
+
+class ComponentSpec(BaseModel):
+    """A registered component by name, with overrides of its default config values."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    config: dict[str, Any] = Field(default_factory=dict)
+
+    def resolve(self, registry: Registry) -> BaseModel | None:
+        """The component's validated config (unknown name / bad field → a clear error)."""
+        return registry.get(self.name).build_config(**self.config)
+
+    def build(self, registry: Registry):
+        return registry.create(self.name, **self.config)
+
+
+class PromptTemplate(BaseModel):
+    """Qwen chat template pieces, as the original config stores them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    system: str = Field("<|im_start|>system\n{system}<|im_end|>\n", alias="SYSTEM")
+    instruction: str = Field("<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n", alias="INSTRUCTION")
+    suffix: str = Field("<|im_end|>", alias="SUFFIX")
+    suffix_as_eos: bool = Field(True, alias="SUFFIX_AS_EOS")
+    sep: str = Field("\n", alias="SEP")
+    stop_words: tuple[str, ...] = Field(("<|im_end|>", "<|endoftext|>"), alias="STOP_WORDS")
+
+
+class HarmonConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    encoder: ComponentSpec = ComponentSpec(name="mar-b")
+    decoder: ComponentSpec = ComponentSpec(name="mar-b")
+    head: ComponentSpec = ComponentSpec(name="mlp-adaln-b")
+    backbone: ComponentSpec = ComponentSpec(name="qwen2.5-0.5b-instruct")
+    vae: KLAutoencoderConfig = KLAutoencoderConfig()
+    vae_scale: float = Field(0.2325, gt=0)
+    vae_stride: PositiveInt = 16
+    patch_size: PositiveInt = 1
+    image_size: PositiveInt = 256
+    mask_ratio_min: float = Field(0.7, gt=0, le=1)
+    visual_grad_scale: float = Field(0.1, ge=0)
+    unconditional_prompt: str = "Generate an image."
+    generation_prefix: str = "Generate an image: "
+    prompt_template: PromptTemplate = PromptTemplate()
+
+    @model_validator(mode="after")
+    def _components_fit_together(self) -> "HarmonConfig":
+        encoder = self.encoder.resolve(ENCODERS)
+        decoder = self.decoder.resolve(DECODERS)
+        head = self.head.resolve(HEADS)
+        self.backbone.resolve(BACKBONES)
+        problems = []
+        token_dim = self.vae.embed_dim * self.patch_size**2
+        if self.image_size % (self.vae_stride * self.patch_size):
+            problems.append(f"image_size {self.image_size} is not a multiple of vae_stride·patch_size")
+        grid = self.image_size // self.vae_stride // self.patch_size
+        _expect(problems, "encoder.token_dim", getattr(encoder, "token_dim", token_dim), token_dim)
+        _expect(problems, "head.token_dim", getattr(head, "token_dim", token_dim), token_dim)
+        if hasattr(encoder, "embed_dim") and hasattr(decoder, "encoder_dim"):
+            _expect(problems, "decoder.encoder_dim", decoder.encoder_dim, encoder.embed_dim)
+        if hasattr(decoder, "embed_dim") and hasattr(head, "cond_dim"):
+            _expect(problems, "head.cond_dim", head.cond_dim, decoder.embed_dim)
+        if hasattr(encoder, "buffer_size") and hasattr(decoder, "buffer_size"):
+            _expect(problems, "decoder.buffer_size", decoder.buffer_size, encoder.buffer_size)
+        for role, cfg in (("encoder", encoder), ("decoder", decoder)):
+            if hasattr(cfg, "base_grid"):
+                _expect(problems, f"{role}.base_grid", tuple(cfg.base_grid), (grid, grid))
+        if problems:
+            raise ValueError("components do not fit together: " + "; ".join(problems))
+        return self
+
+    @property
+    def token_dim(self) -> int:
+        return self.vae.embed_dim * self.patch_size**2
+
+    @property
+    def latent_stride(self) -> int:
+        """Pixels per latent token along each side."""
+        return self.vae_stride * self.patch_size
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "HarmonConfig":
+        if name not in PRESETS:
+            raise KeyError(f"unknown Harmon preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+        data = copy.deepcopy(PRESETS[name])
+        data.update(overrides)
+        return cls(**data)
+
+    @classmethod
+    def from_original(cls, original: dict[str, Any], llm_config: Any | None = None) -> "HarmonConfig":
+        """From the original model config (``mar`` constructor kwargs, ``vae`` kwargs, ``vae_scale``,
+        optional ``prompt_template``) and the LLM's transformers config (for the backbone shape)."""
+        known = {"mar", "vae", "vae_scale", "prompt_template"}
+        unknown = sorted(set(original) - known)
+        if unknown:
+            raise ValueError(f"original config has unknown keys: {', '.join(unknown)}")
+        mar = dict(original["mar"])
+        mar_known = {
+            "img_size", "vae_stride", "patch_size", "encoder_embed_dim", "encoder_depth", "encoder_num_heads",
+            "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "mlp_ratio", "vae_embed_dim",
+            "mask_ratio_min", "label_drop_prob", "class_num", "attn_dropout", "proj_dropout", "buffer_size",
+            "diffloss_d", "diffloss_w", "num_sampling_steps", "diffusion_batch_mul", "grad_checkpointing",
+        }
+        unknown = sorted(set(mar) - mar_known)
+        if unknown:
+            raise ValueError(f"original config 'mar' has unknown keys: {', '.join(unknown)}")
+        vae = KLAutoencoderConfig.from_original(original["vae"])
+        patch = int(mar.get("patch_size", 1))
+        stride = int(mar.get("vae_stride", 16))
+        image_size = int(mar.get("img_size", 256))
+        grid = image_size // stride // patch
+        buffer = int(mar.get("buffer_size", 64))
+        common = dict(
+            mlp_ratio=float(mar.get("mlp_ratio", 4.0)),
+            attn_dropout=float(mar.get("attn_dropout", 0.1)),
+            proj_dropout=float(mar.get("proj_dropout", 0.1)),
+            buffer_size=buffer,
+            base_grid=(grid, grid),
+        )
+        enc_dim = int(mar.get("encoder_embed_dim", 1024))
+        dec_dim = int(mar.get("decoder_embed_dim", 1024))
+        token_dim = int(mar.get("vae_embed_dim", 16)) * patch**2
+        data: dict[str, Any] = dict(
+            encoder=ComponentSpec(name="mar", config=dict(
+                token_dim=token_dim, embed_dim=enc_dim, depth=int(mar.get("encoder_depth", 16)),
+                num_heads=int(mar.get("encoder_num_heads", 16)), **common)),
+            decoder=ComponentSpec(name="mar", config=dict(
+                encoder_dim=enc_dim, embed_dim=dec_dim, depth=int(mar.get("decoder_depth", 16)),
+                num_heads=int(mar.get("decoder_num_heads", 16)), **common)),
+            head=ComponentSpec(name="mlp-adaln", config=dict(
+                token_dim=token_dim, cond_dim=dec_dim, width=int(mar.get("diffloss_w", 1024)),
+                depth=int(mar.get("diffloss_d", 3)), num_sampling_steps=int(mar.get("num_sampling_steps", 100)),
+                diffusion_batch_mul=int(mar.get("diffusion_batch_mul", 4)))),
+            vae=vae,
+            vae_scale=float(original.get("vae_scale", 0.2325)),
+            vae_stride=stride,
+            patch_size=patch,
+            image_size=image_size,
+            mask_ratio_min=float(mar.get("mask_ratio_min", 0.7)),
+        )
+        if "prompt_template" in original:
+            data["prompt_template"] = PromptTemplate(**original["prompt_template"])
+        if llm_config is not None:
+            data["backbone"] = ComponentSpec(name="qwen2", config=qwen_fields_from_transformers(llm_config))
+        return cls(**data)
+
+
+def qwen_fields_from_transformers(llm_config: Any) -> dict[str, Any]:
+    """The :class:`~harmon.backbones.qwen.QwenBackboneConfig` fields of a transformers ``Qwen2Config``."""
+    rope = getattr(llm_config, "rope_parameters", None) or {}
+    rope_theta = rope.get("rope_theta", getattr(llm_config, "rope_theta", 1_000_000.0))
+    return dict(
+        vocab_size=llm_config.vocab_size,
+        hidden_size=llm_config.hidden_size,
+        intermediate_size=llm_config.intermediate_size,
+        num_hidden_layers=llm_config.num_hidden_layers,
+        num_attention_heads=llm_config.num_attention_heads,
+        num_key_value_heads=llm_config.num_key_value_heads,
+        max_position_embeddings=llm_config.max_position_embeddings,
+        rope_theta=float(rope_theta),
+        rms_norm_eps=llm_config.rms_norm_eps,
+        tie_word_embeddings=bool(llm_config.tie_word_embeddings),
+    )
+
+
+def _expect(problems: list[str], field: str, actual: Any, expected: Any) -> None:
+    if actual != expected:
+        problems.append(f"{field} is {actual}, expected {expected}")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "harmon-0.5b": dict(
+        encoder=ComponentSpec(name="mar-b"),
+        decoder=ComponentSpec(name="mar-b"),
+        head=ComponentSpec(name="mlp-adaln-b"),
+        backbone=ComponentSpec(name="qwen2.5-0.5b-instruct"),
+    ),
+    "harmon-1.5b": dict(
+        encoder=ComponentSpec(name="mar-h"),
+        decoder=ComponentSpec(name="mar-h"),
+        head=ComponentSpec(name="mlp-adaln-h"),
+        backbone=ComponentSpec(name="qwen2.5-1.5b-instruct"),
+    ),
+    "tiny": dict(
+        encoder=ComponentSpec(name="mar-tiny"),
+        decoder=ComponentSpec(name="mar-tiny"),
+        head=ComponentSpec(name="mlp-adaln-tiny"),
+        backbone=ComponentSpec(name="qwen2-tiny"),
+        vae=KLAutoencoderConfig(ch=32),
+        image_size=64,
+    ),
+}

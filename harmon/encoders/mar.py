@@ -1,0 +1,142 @@
+"""MAR encoder family: the masked-autoregressive encoder Harmon shares between understanding and generation.
+
+Tokens ``(B, m·n, C)`` → ``z_proj`` (C → D) → ``K`` buffer slots in front, filled with the learned unconditional
+``fake_latent`` → + learned position embedding (bilinearly resized for grids other than the one it was learned
+on) → ``z_proj_ln`` → masked tokens dropped → timm ViT blocks → LayerNorm. Output ``(B, K + seen, D)``.
+
+Registered as ``mar-b`` (D=768, 12 blocks, 12 heads: Harmon-0.5B), ``mar-h`` (D=1280, 20 blocks, 16 heads:
+Harmon-1.5B) and ``mar-tiny`` (tests).
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, model_validator
+from torch import nn
+
+from harmon.layers import grid_position_embedding, init_mar_weights, masked_row_count, vit_blocks
+from harmon.registry import ENCODERS
+
+
+class MAREncoderConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    token_dim: PositiveInt = 16
+    embed_dim: PositiveInt = 768
+    depth: PositiveInt = 12
+    num_heads: PositiveInt = 12
+    mlp_ratio: float = Field(4.0, gt=0)
+    buffer_size: NonNegativeInt = 64
+    base_grid: tuple[PositiveInt, PositiveInt] = (16, 16)
+    attn_dropout: float = Field(0.1, ge=0, lt=1)
+    proj_dropout: float = Field(0.1, ge=0, lt=1)
+    norm_eps: float = Field(1e-6, gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "MAREncoderConfig":
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})")
+        return self
+
+
+MAR_ENCODER_PRESETS: dict[str, dict] = {
+    "mar": {},  # generic: MAR-B defaults, every field overridable
+    "mar-b": dict(embed_dim=768, depth=12, num_heads=12),
+    "mar-h": dict(embed_dim=1280, depth=20, num_heads=16),
+    "mar-tiny": dict(embed_dim=64, depth=2, num_heads=4, buffer_size=8, base_grid=(4, 4)),
+}
+
+
+class MAREncoder(nn.Module):
+    """MAR encoder over latent tokens, with ``buffer_size`` leading buffer slots (see the module docstring)."""
+
+    config_class = MAREncoderConfig
+
+    def __init__(self, config: MAREncoderConfig | None = None, **kwargs) -> None:
+        super().__init__()
+        config = config if config is not None else MAREncoderConfig(**kwargs)
+        self.config = config
+        dim = config.embed_dim
+        grid_len = config.base_grid[0] * config.base_grid[1]
+        self.z_proj = nn.Linear(config.token_dim, dim)
+        self.fake_latent = nn.Parameter(torch.zeros(1, dim))
+        self.z_proj_ln = nn.LayerNorm(dim, eps=config.norm_eps)
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.buffer_size + grid_len, dim))
+        self.blocks = vit_blocks(
+            dim, config.depth, config.num_heads, config.mlp_ratio, config.attn_dropout, config.proj_dropout,
+            config.norm_eps,
+        )
+        self.norm = nn.LayerNorm(dim, eps=config.norm_eps)
+        init_mar_weights(self)
+        nn.init.normal_(self.fake_latent, std=0.02)
+        nn.init.normal_(self.pos_embed, std=0.02)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.embed_dim
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config.embed_dim
+
+    @property
+    def buffer_size(self) -> int:
+        return self.config.buffer_size
+
+    @property
+    def token_dim(self) -> int:
+        return self.config.token_dim
+
+    def position_embedding(self, image_shape: tuple[int, int]) -> torch.Tensor:
+        return grid_position_embedding(self.pos_embed, self.buffer_size, self.config.base_grid, image_shape)
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor, image_shape: tuple[int, int]) -> torch.Tensor:
+        """tokens ``(B, m·n, C)``, mask ``(B, m·n)`` (1 = masked) → ``(B, K + seen, D)``."""
+        batch, seq_len, _ = tokens.shape
+        if seq_len != image_shape[0] * image_shape[1]:
+            raise ValueError(f"{seq_len} tokens do not fill an image grid of {image_shape}")
+        masked_row_count(mask)
+        x = self.z_proj(tokens)
+        buffer = self.fake_latent.to(x.dtype).expand(batch, self.buffer_size, -1)
+        x = torch.cat([buffer, x], dim=1) + self.position_embedding(image_shape)
+        x = self.z_proj_ln(x)
+        keep = torch.cat([mask.new_zeros(batch, self.buffer_size), mask], dim=1) == 0
+        x = x[keep].reshape(batch, -1, x.shape[-1])
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Understanding path: tokens ``(B, m, n, C)``, nothing masked → ``(B, K + m·n, D)``."""
+        batch, m, n, _ = tokens.shape
+        flat = rearrange(tokens, "b m n c -> b (m n) c")
+        return self(flat, flat.new_zeros(batch, m * n), (m, n))
+
+
+for _name, _preset in MAR_ENCODER_PRESETS.items():
+    ENCODERS.add(_name, MAREncoder, **_preset)
+
+
+def convert_original_mar_encoder(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Original ``MAR`` encoder keys (without the ``mar.`` prefix) → :class:`MAREncoder` keys."""
+    renames = {
+        "z_proj.": "z_proj.",
+        "z_proj_ln.": "z_proj_ln.",
+        "encoder_blocks.": "blocks.",
+        "encoder_norm.": "norm.",
+    }
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if key == "fake_latent":
+            out["fake_latent"] = value
+        elif key == "encoder_pos_embed_learned":
+            out["pos_embed"] = value
+        else:
+            for old, new in renames.items():
+                if key.startswith(old):
+                    out[new + key[len(old):]] = value
+                    break
+            else:
+                raise KeyError(key)
+    return out

@@ -1,0 +1,72 @@
+"""Small building blocks shared by several component families."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from timm.models.vision_transformer import Block
+from torch import nn
+
+
+def vit_blocks(
+    dim: int, depth: int, num_heads: int, mlp_ratio: float, attn_dropout: float, proj_dropout: float, norm_eps: float
+) -> nn.ModuleList:
+    """``depth`` timm ViT blocks as MAR builds them (qkv bias, LayerNorm with ``norm_eps``)."""
+    norm_layer = partial(nn.LayerNorm, eps=norm_eps)
+    return nn.ModuleList(
+        Block(
+            dim,
+            num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=True,
+            norm_layer=norm_layer,
+            proj_drop=proj_dropout,
+            attn_drop=attn_dropout,
+        )
+        for _ in range(depth)
+    )
+
+
+def grid_position_embedding(
+    learned: torch.Tensor, prefix_len: int, base_grid: tuple[int, int], image_shape: tuple[int, int]
+) -> torch.Tensor:
+    """Learned position embedding ``(1, prefix_len + m0·n0, D)`` resized to the grid ``image_shape = (m, n)``.
+
+    The first ``prefix_len`` rows (buffer slots) are kept as they are; the grid part is bilinearly interpolated
+    (``align_corners=False``) when ``(m, n)`` differs from the grid it was learned on, ``base_grid = (m0, n0)``.
+    """
+    m, n = image_shape
+    if (m, n) == tuple(base_grid):
+        return learned
+    grid = rearrange(learned[:, prefix_len:], "b (h w) c -> b c h w", h=base_grid[0], w=base_grid[1])
+    grid = F.interpolate(grid.float(), size=(m, n), mode="bilinear", align_corners=False).to(learned.dtype)
+    grid = rearrange(grid, "b c h w -> b (h w) c")
+    return torch.cat([learned[:, :prefix_len], grid], dim=1)
+
+
+def mlp_connector(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    """Linear · SiLU · Linear, the ``proj_in`` / ``proj_out`` connector between the MAR encoder and the LLM."""
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, out_dim))
+
+
+def init_mar_weights(module: nn.Module) -> None:
+    """MAR's initialisation: xavier-uniform linear weights, zero biases, unit LayerNorms."""
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            nn.init.xavier_uniform_(sub.weight)
+            if sub.bias is not None:
+                nn.init.zeros_(sub.bias)
+        elif isinstance(sub, nn.LayerNorm) and sub.elementwise_affine:
+            nn.init.ones_(sub.weight)
+            nn.init.zeros_(sub.bias)
+
+
+def masked_row_count(mask: torch.Tensor) -> int:
+    """Number of masked tokens per row; every row of ``mask (B, L)`` must hide the same number."""
+    counts = mask.to(torch.bool).sum(dim=-1)
+    if counts.numel() and not bool((counts == counts[0]).all()):
+        raise ValueError(f"every row of the mask must hide the same number of tokens, got {counts.tolist()}")
+    return int(counts[0]) if counts.numel() else 0
