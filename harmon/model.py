@@ -15,15 +15,19 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import os
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from safetensors.torch import load_file, save_model
 from torch import nn
 from transformers import DynamicCache
 
+from harmon.checkpoints import load_state_dict_strict
 from harmon.configs import HarmonConfig
 from harmon.encoders.vae import build_kl_autoencoder
 from harmon.interfaces import (
@@ -86,6 +90,18 @@ def scale_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
     return _ScaleGradient.apply(x, scale)
 
 
+def _restore_tied_weights(module: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    # safetensors stores a tensor shared by several parameters once: give the other names their value back
+    by_storage: dict[tuple, list[str]] = {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        by_storage.setdefault((tensor.data_ptr(), tuple(tensor.shape)), []).append(name)
+    for names in by_storage.values():
+        present = [name for name in names if name in state_dict]
+        if present:
+            for name in names:
+                state_dict.setdefault(name, state_dict[present[0]])
+
+
 class HarmonModel(nn.Module):
     """Harmon: a shared MAR encoder for understanding and generation around a causal LLM."""
 
@@ -131,6 +147,32 @@ class HarmonModel(nn.Module):
             head=config.head.build(HEADS),
             llm=config.backbone.build(BACKBONES),
         ).eval()
+
+    # -------------------------------------------------------------------------------------------- save / load
+    CONFIG_NAME = "harmon_config.json"
+    WEIGHTS_NAME = "model.safetensors"
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Write ``harmon_config.json`` and ``model.safetensors`` (all components) into ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / self.CONFIG_NAME).write_text(self.config.model_dump_json(indent=2))
+        save_model(self, str(folder / self.WEIGHTS_NAME))
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike) -> "HarmonModel":
+        """Load a folder written by :meth:`save_pretrained` (strict: every tensor must fit)."""
+        folder = Path(folder)
+        config_path, weights_path = folder / cls.CONFIG_NAME, folder / cls.WEIGHTS_NAME
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"{folder} is not a saved HarmonModel: {path.name} is missing")
+        model = cls.from_config(HarmonConfig.model_validate_json(config_path.read_text()))
+        state_dict = load_file(str(weights_path))
+        _restore_tied_weights(model, state_dict)
+        load_state_dict_strict(model, state_dict, str(weights_path))
+        return model.eval()
 
     # ------------------------------------------------------------------------------------------------ basics
     @property
@@ -290,6 +332,8 @@ class HarmonModel(nn.Module):
         if guided and rows % 2:
             raise ValueError(f"guidance needs [cond; uncond] prompt rows, got an odd number of rows ({rows})")
         images = rows // 2 if guided else rows
+        if isinstance(generator, (list, tuple)) and len(generator) != images:
+            raise ValueError(f"generator: got a list of {len(generator)} generators for {images} images")
         source = as_random_source(generator, random_source)
         device, dtype = self.device, self.dtype
         input_ids = input_ids.to(device)

@@ -19,7 +19,8 @@ class GeneratorRandomSource:
     """
 
     def __init__(self, generator: torch.Generator | Sequence[torch.Generator] | None = None) -> None:
-        if isinstance(generator, (list, tuple)):
+        self.per_image = isinstance(generator, (list, tuple))
+        if self.per_image:
             if not generator:
                 raise ValueError("generator: an empty list of generators was given")
             self.generators: list[torch.Generator | None] = list(generator)
@@ -36,7 +37,7 @@ class GeneratorRandomSource:
     def orders(self, batch: int, seq_len: int, device: torch.device) -> torch.Tensor:
         rows = []
         for i in range(batch):
-            generator = self._generator_for(i) if len(self.generators) > 1 else self.generators[0]
+            generator = self._generator_for(i)
             draw_device = self._draw_device(generator, device)
             rows.append(torch.randperm(seq_len, generator=generator, device=draw_device))
         return torch.stack(rows).to(device)
@@ -44,7 +45,7 @@ class GeneratorRandomSource:
     def randn(
         self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, groups: int = 1
     ) -> torch.Tensor:
-        if len(self.generators) == 1:
+        if not self.per_image:
             generator = self.generators[0]
             draw_device = self._draw_device(generator, device)
             return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import importlib
 import importlib.metadata
 import inspect
 import warnings
@@ -217,11 +218,19 @@ class Registry(Generic[T]):
 
 
 # plugins -------------------------------------------------------------------------------------------------------
+# the families shipped with harmon register themselves when imported; they are imported on the first lookup
+BUILTIN_FAMILIES = (
+    "harmon.encoders.mar",
+    "harmon.decoders.mar",
+    "harmon.heads.diffusion",
+    "harmon.backbones.qwen",
+)
 _plugins_loaded = False
 
 
 def load_plugins(force: bool = False) -> list[str]:
-    """Import every ``harmon.plugins`` entry point once; returns the names loaded by this call.
+    """Import the built-in families and every ``harmon.plugins`` entry point, once; returns the entry-point
+    names loaded by this call.
 
     A plugin that fails to import is reported with a warning naming it; the others still load.
     """
@@ -229,6 +238,8 @@ def load_plugins(force: bool = False) -> list[str]:
     if _plugins_loaded and not force:
         return []
     _plugins_loaded = True
+    for module in BUILTIN_FAMILIES:
+        importlib.import_module(module)
     loaded: list[str] = []
     for entry_point in importlib.metadata.entry_points(group=PLUGIN_ENTRY_POINT_GROUP):
         try:
