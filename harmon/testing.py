@@ -1,0 +1,59 @@
+"""Tiny, offline building blocks for tests, examples and smoke runs (no hub access).
+
+``tiny_tokenizer()`` builds a character-level BPE tokenizer with the Qwen chat special tokens
+(``<|endoftext|>`` = 0, ``<|im_start|>`` = 1, ``<|im_end|>`` = 2, ``<image>`` = 3) that fits the ``tiny``
+preset's 256-token vocabulary; ``tiny_model()`` a randomly initialised ``tiny`` HarmonModel.
+"""
+
+from __future__ import annotations
+
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>")
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\n'}}{% endif %}"
+)
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A ~100-token character-level tokenizer with Qwen's chat special tokens and chat template."""
+    characters = ["\n", *(chr(c) for c in range(32, 127))]
+    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *characters])}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<|endoftext|>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_next")
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens(list(SPECIAL_TOKENS))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=list(SPECIAL_TOKENS[1:]),
+    )
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_model(seed: int = 0, sane_head: bool = True):
+    """A randomly initialised ``tiny`` :class:`~harmon.model.HarmonModel` in eval mode.
+
+    MAR initialises the head's output layers at zero, which makes a random head predict ε = 0; with
+    ``sane_head`` those layers get small random values so that samples depend on the prompt.
+    """
+    from harmon.configs import HarmonConfig
+    from harmon.model import HarmonModel
+
+    torch.manual_seed(seed)
+    model = HarmonModel.from_config(HarmonConfig.from_preset("tiny"))
+    if sane_head:
+        with torch.no_grad():
+            for parameter in model.head.parameters():
+                if parameter.abs().sum() == 0:
+                    parameter.normal_(std=0.05)
+    return model.eval()
+
+
+__all__ = ["SPECIAL_TOKENS", "tiny_model", "tiny_tokenizer"]
