@@ -28,6 +28,8 @@ _EXPORTS = {
     "GeneratorRandomSource": "harmon.randomness",
     "ReplayRandomSource": "harmon.randomness",
     "CheckpointKeyError": "harmon.checkpoints",
+    "HarmonCore": "harmon.pipelines.core",
+    "HarmonPipeline": "harmon.pipelines.pipeline_harmon",
 }
 
 __all__ = sorted(_EXPORTS)

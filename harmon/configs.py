@@ -171,6 +171,44 @@ class HarmonConfig(BaseModel):
         return cls(**data)
 
 
+def to_original_config(config: HarmonConfig) -> dict[str, Any]:
+    """The original model config (``mar`` / ``vae`` constructor arguments, ``vae_scale``, ``prompt_template``) of
+    a Harmon model built from MAR-family components: the inverse of :meth:`HarmonConfig.from_original`."""
+    encoder = config.encoder.resolve(ENCODERS)
+    decoder = config.decoder.resolve(DECODERS)
+    head = config.head.resolve(HEADS)
+    for role, cfg, needed in (("encoder", encoder, "depth"), ("decoder", decoder, "depth"), ("head", head, "width")):
+        if not hasattr(cfg, needed):
+            raise ValueError(f"the {role} is not a MAR-family component: it has no original config form")
+    mar = {
+        "img_size": config.image_size,
+        "vae_stride": config.vae_stride,
+        "patch_size": config.patch_size,
+        "encoder_embed_dim": encoder.embed_dim,
+        "encoder_depth": encoder.depth,
+        "encoder_num_heads": encoder.num_heads,
+        "decoder_embed_dim": decoder.embed_dim,
+        "decoder_depth": decoder.depth,
+        "decoder_num_heads": decoder.num_heads,
+        "mlp_ratio": encoder.mlp_ratio,
+        "vae_embed_dim": config.vae.embed_dim,
+        "mask_ratio_min": config.mask_ratio_min,
+        "attn_dropout": encoder.attn_dropout,
+        "proj_dropout": encoder.proj_dropout,
+        "buffer_size": encoder.buffer_size,
+        "diffloss_d": head.depth,
+        "diffloss_w": head.width,
+        "num_sampling_steps": str(head.num_sampling_steps),
+        "diffusion_batch_mul": head.diffusion_batch_mul,
+    }
+    return {
+        "mar": mar,
+        "vae": {"embed_dim": config.vae.embed_dim, "ch_mult": list(config.vae.ch_mult), "ch": config.vae.ch},
+        "vae_scale": config.vae_scale,
+        "prompt_template": config.prompt_template.model_dump(mode="json", by_alias=True),
+    }
+
+
 def qwen_fields_from_transformers(llm_config: Any) -> dict[str, Any]:
     """The :class:`~harmon.backbones.qwen.QwenBackboneConfig` fields of a transformers ``Qwen2Config``."""
     rope = getattr(llm_config, "rope_parameters", None) or {}

@@ -114,7 +114,10 @@ class HarmonModel(nn.Module):
         decoder: TokenDecoder,
         head: DiffusionHead,
         llm: LanguageBackbone,
+        proj_in: nn.Module | None = None,
+        proj_out: nn.Module | None = None,
     ) -> None:
+        """Compose the components; ``proj_in`` / ``proj_out`` (the connectors) are created when not given."""
         super().__init__()
         for registry, component, role in (
             (ENCODERS, encoder, "encoder"),
@@ -133,8 +136,8 @@ class HarmonModel(nn.Module):
         self.head = head
         self.llm = llm
         hidden = llm.config.hidden_size
-        self.proj_in = mlp_connector(encoder.embed_dim, hidden, hidden)
-        self.proj_out = mlp_connector(hidden, hidden, encoder.embed_dim)
+        self.proj_in = proj_in if proj_in is not None else mlp_connector(encoder.embed_dim, hidden, hidden)
+        self.proj_out = proj_out if proj_out is not None else mlp_connector(hidden, hidden, encoder.embed_dim)
 
     @classmethod
     def from_config(cls, config: HarmonConfig) -> "HarmonModel":

@@ -1,0 +1,241 @@
+"""``harmon`` command line: ``generate``, ``describe``, ``convert``, ``info``.
+
+Thin wrappers over :class:`~harmon.pipelines.HarmonPipeline`. ``generate`` splits its prompts across processes
+when started with ``accelerate launch -m harmon.cli generate …``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
+def _torch_dtype(name: str | None):
+    import torch
+
+    if name is None:
+        return None
+    return getattr(torch, DTYPES[name])
+
+
+def _load_pipeline(args):
+    import torch
+
+    from harmon.pipelines import HarmonPipeline
+
+    pipe = HarmonPipeline.from_pretrained(args.pipeline, dtype=_torch_dtype(args.dtype))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return pipe.to(device)
+
+
+def read_prompts(prompts: list[str] | None, prompts_file: str | None) -> list[str]:
+    """Prompts from ``--prompt`` and/or a JSON file: a list of strings or of ``{"prompt": ...}`` objects (the
+    original batch script's format), or a text file with one prompt per line."""
+    collected = list(prompts or [])
+    if prompts_file:
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise SystemExit(f"--prompts-file: no such file: {path}")
+        text = path.read_text()
+        if path.suffix == ".json":
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise SystemExit(f"--prompts-file: {path} is not valid JSON ({error})") from None
+            if not isinstance(data, list):
+                raise SystemExit(f"--prompts-file: {path} must hold a JSON list")
+            for i, item in enumerate(data):
+                if isinstance(item, str):
+                    collected.append(item)
+                elif isinstance(item, dict) and isinstance(item.get("prompt"), str):
+                    collected.append(item["prompt"])
+                else:
+                    raise SystemExit(f"--prompts-file: item {i} of {path} is neither a string nor {{\"prompt\": ...}}")
+        else:
+            collected += [line.strip() for line in text.splitlines() if line.strip()]
+    if not collected:
+        raise SystemExit("give at least one --prompt or a --prompts-file")
+    return collected
+
+
+def make_grid(images, columns: int):
+    import PIL.Image
+
+    rows = math.ceil(len(images) / columns)
+    width, height = images[0].size
+    grid = PIL.Image.new("RGB", (columns * width, rows * height), (255, 255, 255))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * width, (i // columns) * height))
+    return grid
+
+
+def cmd_generate(args) -> int:
+    import torch
+    from accelerate import PartialState
+
+    prompts = read_prompts(args.prompt, args.prompts_file)
+    state = PartialState()
+    pipe = _load_pipeline(argparse.Namespace(**{**vars(args), "device": args.device or str(state.device)}))
+    pipe.set_progress_bar_config(disable=not state.is_local_main_process)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    indexed = list(enumerate(prompts))
+    with state.split_between_processes(indexed) as mine:
+        for start in range(0, len(mine), args.batch_size):
+            chunk = mine[start:start + args.batch_size]
+            generators = [
+                torch.Generator().manual_seed(args.seed + index * args.num_images + k)
+                for index, _ in chunk for k in range(args.num_images)
+            ]
+            images = pipe(
+                [p for _, p in chunk],
+                height=args.height, width=args.width, num_inference_steps=args.steps,
+                guidance_scale=args.guidance_scale, guidance_schedule=args.guidance_schedule,
+                temperature=args.temperature, num_images_per_prompt=args.num_images, generator=generators,
+            ).images
+            for j, (index, prompt) in enumerate(chunk):
+                mine_images = images[j * args.num_images:(j + 1) * args.num_images]
+                for k, image in enumerate(mine_images):
+                    image.save(out / f"{index:05d}_{k}.png")
+                if args.grid and args.num_images > 1:
+                    make_grid(mine_images, args.grid_columns or args.num_images).save(out / f"{index:05d}_grid.png")
+                print(f"{index:05d}: {prompt}")
+    return 0
+
+
+def cmd_describe(args) -> int:
+    pipe = _load_pipeline(args)
+    pipe.set_progress_bar_config(disable=True)
+    answer = pipe.understand(args.image, args.question, max_new_tokens=args.max_new_tokens,
+                             do_sample=args.sample, seed=args.seed)
+    print(answer)
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from harmon.configs import to_original_config
+    from harmon.pipelines import HarmonPipeline
+
+    pipe = HarmonPipeline.from_original(
+        args.harmon, args.vae, args.llm, original_config=args.config, preset=args.preset,
+    )
+    if args.dtype:
+        pipe = pipe.to(dtype=_torch_dtype(args.dtype))
+    out = Path(args.out)
+    pipe.save_pretrained(str(out))
+    (out / "original_config.json").write_text(json.dumps(to_original_config(pipe.model.config), indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+def describe_pipeline(pipe) -> dict:
+    """Components, classes, parameter counts and dtypes of a pipeline (what ``harmon info`` prints)."""
+    config = pipe.model.config
+    components = {}
+    for name, component in pipe.components.items():
+        entry = {"class": type(component).__name__}
+        if hasattr(component, "parameters"):
+            parameters = list(component.parameters())
+            entry["parameters"] = sum(p.numel() for p in parameters)
+            entry["dtype"] = str(parameters[0].dtype).replace("torch.", "") if parameters else None
+        components[name] = entry
+    core = pipe.harmon
+    for part in ("encoder", "decoder", "head", "proj_in", "proj_out"):
+        components[f"harmon.{part}"] = {"parameters": sum(p.numel() for p in getattr(core, part).parameters())}
+    return {
+        "encoder": config.encoder.name,
+        "understanding_encoder": "shared (the generation encoder)",
+        "decoder": config.decoder.name,
+        "head": config.head.name,
+        "backbone": config.backbone.name,
+        "image_size": config.image_size,
+        "components": components,
+    }
+
+
+def cmd_info(args) -> int:
+    from harmon.pipelines import HarmonPipeline
+
+    pipe = HarmonPipeline.from_pretrained(args.pipeline)
+    info = describe_pipeline(pipe)
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    for key in ("encoder", "understanding_encoder", "decoder", "head", "backbone", "image_size"):
+        print(f"{key:22s} {info[key]}")
+    for name, entry in info["components"].items():
+        params = f"{entry['parameters']:,}" if "parameters" in entry else "-"
+        print(f"  {name:20s} {entry.get('class', ''):24s} {params:>15s} {entry.get('dtype') or ''}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="harmon", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="text → image")
+    gen.add_argument("pipeline", help="a HarmonPipeline folder")
+    gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    gen.add_argument("--prompts-file", help="JSON list of strings or {\"prompt\": ...}, or one prompt per line")
+    gen.add_argument("--out", default="outputs")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    gen.add_argument("--batch-size", type=int, default=1, help="prompts per pipeline call")
+    gen.add_argument("--height", type=int)
+    gen.add_argument("--width", type=int)
+    gen.add_argument("--steps", type=int, default=64)
+    gen.add_argument("--guidance-scale", type=float, default=3.0)
+    gen.add_argument("--guidance-schedule", choices=("constant", "linear"), default="constant")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--grid", action="store_true", help="also save a grid of each prompt's images")
+    gen.add_argument("--grid-columns", type=int)
+    gen.set_defaults(func=cmd_generate)
+
+    desc = sub.add_parser("describe", help="image → text")
+    desc.add_argument("pipeline")
+    desc.add_argument("--image", required=True)
+    desc.add_argument("--question", default="Describe this image in detail.")
+    desc.add_argument("--max-new-tokens", type=int, default=256)
+    desc.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    desc.add_argument("--seed", type=int)
+    desc.set_defaults(func=cmd_describe)
+
+    conv = sub.add_parser("convert", help="original release → pipeline folder")
+    conv.add_argument("--harmon", required=True, help="harmon_0.5b.pth / harmon_1.5b.pth")
+    conv.add_argument("--vae", required=True, help="kl16.ckpt")
+    conv.add_argument("--llm", required=True, help="local Qwen2.5 Instruct folder (config + tokenizer)")
+    arch = conv.add_mutually_exclusive_group(required=True)
+    arch.add_argument("--preset", choices=("harmon-0.5b", "harmon-1.5b"))
+    arch.add_argument("--config", help="original config JSON (mar / vae kwargs, vae_scale)")
+    conv.add_argument("--out", required=True)
+    conv.set_defaults(func=cmd_convert)
+
+    info = sub.add_parser("info", help="components, parameter counts, dtype")
+    info.add_argument("pipeline")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(func=cmd_info)
+
+    for command in (gen, desc, conv):
+        command.add_argument("--dtype", choices=sorted(DTYPES), help="default: as saved (float32 on CPU)")
+    for command in (gen, desc):
+        command.add_argument("--device", help="default: cuda when available, else cpu")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError, OSError, KeyError) as error:
+        print(f"harmon {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

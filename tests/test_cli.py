@@ -1,0 +1,111 @@
+"""The ``harmon`` CLI end to end on a tiny pipeline, and ``convert`` on the parity fixture's original files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import PIL.Image
+import pytest
+import torch
+
+from harmon.cli import main, read_prompts
+from harmon.pipelines import HarmonPipeline
+from harmon.randomness import ReplayRandomSource
+from harmon.testing import tiny_model, tiny_tokenizer
+
+from conftest import assert_close
+
+DECODED_ATOL = 3e-5  # see tests/test_parity.py
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli-pipeline")
+    HarmonPipeline.from_model(tiny_model(), tiny_tokenizer()).save_pretrained(str(folder))
+    return folder
+
+
+def test_generate_from_a_json_prompt_list_with_grid(pipeline_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"prompt": "a red circle"}, {"prompt": "a blue square"}]))
+    out = tmp_path / "out"
+    code = main(["generate", str(pipeline_dir), "--prompts-file", str(prompts), "--num-images", "2", "--grid",
+                 "--steps", "2", "--seed", "3", "--out", str(out), "--batch-size", "2"])
+    assert code == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["00000_0.png", "00000_1.png", "00000_grid.png", "00001_0.png", "00001_1.png", "00001_grid.png"]
+    assert PIL.Image.open(out / "00000_grid.png").size == (128, 64)
+    assert "00001: a blue square" in capsys.readouterr().out
+
+
+def test_generate_is_seeded(pipeline_dir, tmp_path):
+    for name in ("a", "b"):
+        assert main(["generate", str(pipeline_dir), "--prompt", "a cat", "--steps", "2", "--seed", "5",
+                     "--out", str(tmp_path / name)]) == 0
+    a = PIL.Image.open(tmp_path / "a" / "00000_0.png").tobytes()
+    assert a == PIL.Image.open(tmp_path / "b" / "00000_0.png").tobytes()
+
+
+def test_describe(pipeline_dir, tmp_path, capsys):
+    image = tmp_path / "red.png"
+    PIL.Image.new("RGB", (40, 30), (255, 0, 0)).save(image)
+    assert main(["describe", str(pipeline_dir), "--image", str(image), "--question", "colour?",
+                 "--max-new-tokens", "3"]) == 0
+    printed = capsys.readouterr().out
+    expected = HarmonPipeline.from_pretrained(pipeline_dir).understand(str(image), "colour?", max_new_tokens=3)
+    assert printed == expected + "\n"
+
+
+def test_info_console_script(pipeline_dir):
+    result = subprocess.run([sys.executable, "-m", "harmon.cli", "info", str(pipeline_dir), "--json"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["encoder"] == "mar-tiny" and info["backbone"] == "qwen2-tiny"
+    assert info["components"]["llm"]["class"] == "Qwen2ForCausalLM"
+    assert info["components"]["harmon.encoder"]["parameters"] > 0
+    assert info["components"]["vae"]["dtype"] == "float32"
+
+
+def test_errors_are_reported_not_raised(pipeline_dir, tmp_path, capsys):
+    assert main(["generate", str(pipeline_dir), "--prompt", "x", "--height", "70", "--out", str(tmp_path)]) == 2
+    assert "height" in capsys.readouterr().err
+    assert main(["info", str(tmp_path / "nowhere")]) == 2
+    with pytest.raises(SystemExit, match="--prompts-file"):
+        read_prompts(None, str(tmp_path / "missing.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"text": "no prompt key"}]))
+    with pytest.raises(SystemExit, match="item 0"):
+        read_prompts(None, str(bad))
+
+
+def test_convert_the_original_fixture_reproduces_its_tensors(parity_dir, parity_tensors, original_config, tmp_path):
+    out = tmp_path / "converted"
+    assert main(["convert", "--harmon", str(parity_dir / "harmon_tiny.pth"), "--vae", str(parity_dir / "kl16_tiny.ckpt"),
+                 "--llm", str(parity_dir / "llm"), "--config", str(parity_dir / "original_config.json"),
+                 "--out", str(out)]) == 0
+    written = json.loads((out / "original_config.json").read_text())
+    assert written["vae"] == original_config["vae"] and written["vae_scale"] == original_config["vae_scale"]
+    for key in ("encoder_embed_dim", "decoder_depth", "buffer_size", "diffloss_w", "num_sampling_steps"):
+        assert written["mar"][key] == original_config["mar"][key], key
+
+    pipe = HarmonPipeline.from_pretrained(out)
+    t = parity_tensors
+    assert_close(pipe.model.encode_image(t["vae.image"]), t["vae.tokens"], 1e-5, "vae.tokens")
+    noises = [t[k] for k in sorted(k for k in t if k.startswith("e2e.noise."))]
+    _, m, n, _ = t["vae.tokens"].shape
+    image = pipe.model.generate_images(
+        t["e2e.input_ids"], t["e2e.attention_mask"], image_shape=(m, n), num_steps=len(t["e2e.mask_len"]),
+        guidance_scale=3.0, guidance_schedule="linear", temperature=0.95,
+        random_source=ReplayRandomSource(t["e2e.orders"], noises),
+    )
+    assert_close(image, t["e2e.image"], DECODED_ATOL, "e2e.image")
+    # the tokenizer came along from the LLM folder
+    assert pipe.tokenizer.convert_tokens_to_ids("<image>") == 3 and pipe.tokenizer.eos_token == "<|im_end|>"
+    with torch.no_grad():
+        logits = pipe.llm(inputs_embeds=pipe.model.splice_image_embeddings(
+            t["und.input_ids"], pipe.model.image_embeddings(t["vae.image"]), pipe.llm.config.vocab_size - 1
+        )).logits[:, -1]
+    assert_close(logits, t["und.last_logits"], 1e-5, "und.last_logits")
