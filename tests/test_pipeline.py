@@ -276,3 +276,28 @@ def test_model_view_shares_the_pipeline_modules(pipe):
     model = pipe.model
     assert model.encoder is pipe.harmon.encoder and model.llm is pipe.llm and model.vae is pipe.vae
     assert model.head.scheduler is pipe.scheduler
+
+
+def test_model_cpu_offload_moves_components_per_phase(monkeypatch):
+    pipe = HarmonPipeline.from_model(tiny_model(), tiny_tokenizer())
+    pipe.set_progress_bar_config(disable=True)
+    reference = pixels(pipe, 4)
+    moves = []
+    for name in ("llm", "harmon", "vae"):
+        component = getattr(pipe, name)
+        real_to = component.to
+
+        def recording_to(*args, _name=name, _real=real_to, **kwargs):
+            moves.append((_name, str(args[0]) if args else str(kwargs.get("device"))))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(component, "to", recording_to)
+    pipe.enable_model_cpu_offload(device="cpu")  # the execution device would be cuda; cpu tests the wiring
+    assert pipe._execution_device == torch.device("cpu")
+    moves.clear()
+    assert torch.equal(pixels(pipe, 4), reference)
+    # sampling with llm + harmon, decoding with the vae alone, then everything offloaded
+    assert [m[0] for m in moves[:3]] == ["vae", "llm", "harmon"]
+    assert [m[0] for m in moves[3:6]] == ["llm", "harmon", "vae"]
+    assert len(moves) == 9
+    pipe.disable_model_cpu_offload()

@@ -143,6 +143,43 @@ class HarmonPipeline(DiffusionPipeline):
             pipe.set_attn_implementation(attn_implementation)
         return pipe
 
+    # ------------------------------------------------------------------------------------------ offloading
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None) -> None:
+        """Keep components on the CPU and move each phase's components to ``device`` only while it runs.
+
+        Harmon calls its components many times per image (every MAR step runs the encoder, the LLM, the decoder
+        and the head), so accelerate's per-forward hooks would shuttle the LLM between devices at every step.
+        Offloading here is per phase instead, in the order ``model_cpu_offload_seq`` (llm → harmon → vae):
+        sampling holds the LLM and the Harmon core, decoding only the VAE; understanding holds the VAE and the
+        core, then the LLM and the core.
+        """
+        device = torch.device(device if device is not None else "cuda")
+        if device.type != "cpu" and device.index is None:
+            device = torch.device(device.type, gpu_id or 0)
+        self._harmon_offload_device = device
+        self._place()
+
+    def disable_model_cpu_offload(self) -> None:
+        self.__dict__.pop("_harmon_offload_device", None)
+
+    @property
+    def _execution_device(self) -> torch.device:
+        offload_device = self.__dict__.get("_harmon_offload_device")
+        return offload_device if offload_device is not None else super()._execution_device
+
+    def _place(self, *active: str) -> None:
+        """With offloading on: ``active`` components on the execution device, every other one on the CPU."""
+        device = self.__dict__.get("_harmon_offload_device")
+        if device is None:
+            return
+        names = self.model_cpu_offload_seq.split("->")
+        for name in sorted(names, key=lambda n: n in active):  # free memory before filling it
+            getattr(self, name).to(device if name in active else torch.device("cpu"))
+
+    def maybe_free_model_hooks(self) -> None:
+        self._place()
+        super().maybe_free_model_hooks()
+
     def set_attn_implementation(self, attn_implementation: str) -> None:
         """``sdpa`` | ``eager`` | ``flash_attention_2`` | ``auto`` (flash-attn 2 on CUDA when installed)."""
         from harmon.backbones.qwen import resolve_attn_implementation
@@ -309,6 +346,7 @@ class HarmonPipeline(DiffusionPipeline):
             if callback_on_step_end is not None:
                 callback_on_step_end(self, step, total, {"tokens": tokens})
 
+        self._place("llm", "harmon")
         tokens = self.model.generate_tokens(
             input_ids,
             attention_mask,
@@ -324,6 +362,7 @@ class HarmonPipeline(DiffusionPipeline):
         if output_type == "latent":
             images = tokens
         else:
+            self._place("vae")
             images = self.image_processor.postprocess(self.model.decode_tokens(tokens).float(), output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
@@ -364,7 +403,9 @@ class HarmonPipeline(DiffusionPipeline):
         model = self.model
         size = model.config.image_size
         pixels = preprocess_for_understanding(images, size).to(self._execution_device, model.dtype)
+        self._place("harmon", "vae")
         image_embeds = model.image_embeddings(pixels)
+        self._place("llm", "harmon")
         image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         placeholder = IMAGE_TOKEN * image_embeds.shape[1]
         texts = [self._chat(f"{placeholder}\n{q}") for q in questions]
@@ -395,6 +436,7 @@ class HarmonPipeline(DiffusionPipeline):
                 inputs_embeds, attention_mask.to(self._execution_device), max_new_tokens=max_new_tokens,
                 eos_token_id=stop_ids, pad_token_id=pad_id, min_new_tokens=min_new_tokens, **sampling,
             )
+        self.maybe_free_model_hooks()
         answers = self.tokenizer.batch_decode(new_ids, skip_special_tokens=skip_special_tokens)
         return answers if batched else answers[0]
 
