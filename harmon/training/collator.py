@@ -1,0 +1,171 @@
+"""Batches of one task: chat prompts, the image placeholder expanded, answer-only labels, right padding.
+
+* text → image: ``instruction.format(input=generation_prefix + caption)``; with probability ``cfg_drop_prob`` the
+  caption is dropped (empty), and the prompt becomes the model's ``unconditional_prompt`` — exactly the prompt the
+  sampler's unconditional rows use. The decision is seeded by ``(seed, draw)``, so it does not depend on workers
+  or on a resume.
+* image → text: per turn ``instruction.format(input=question)`` then ``answer + "<|im_end|>"``, turns separated by
+  the template's ``sep``; the first question is ``"<image>\\n" + question`` and the single ``<image>`` token is
+  expanded to the encoder's ``m·n + buffer_size`` tokens. Labels hold the answer tokens (and their
+  ``<|im_end|>``), -100 elsewhere.
+* text: the document's tokens and an end-of-text token; every real token is a label.
+
+Written by hand: transformers' collators (``DataCollatorForSeq2Seq``, ``DataCollatorWithPadding``) pad, but none
+builds Harmon's prompts, expands the image placeholder or drops captions; padding is three lines here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from harmon.configs import PromptTemplate
+
+IGNORE_INDEX = -100
+_DROP_TAG = 0xCF6
+
+
+class HarmonCollator:
+    def __init__(
+        self,
+        tokenizer,
+        *,
+        image_token_id: int,
+        image_tokens: int,
+        prompt_template: PromptTemplate,
+        generation_prefix: str,
+        unconditional_prompt: str,
+        max_length: int = 1024,
+        max_prompt_length: int = 128,
+        cfg_drop_prob: float = 0.1,
+        seed: int = 0,
+        image_token: str = "<image>",
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.image_token_id = int(image_token_id)
+        self.image_tokens = int(image_tokens)
+        self.template = prompt_template
+        if "{input}" not in prompt_template.instruction:
+            raise ValueError("the prompt template's instruction has no {input} field")
+        self.generation_prefix = generation_prefix
+        self.unconditional_prompt = unconditional_prompt
+        self.max_length, self.max_prompt_length = max_length, max_prompt_length
+        self.cfg_drop_prob, self.seed = cfg_drop_prob, int(seed)
+        self.image_token = image_token
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.suffix_ids = self.encode(prompt_template.suffix)
+        eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        self.end_of_text_id = eot if isinstance(eot, int) and eot != tokenizer.unk_token_id else tokenizer.eos_token_id
+        if self.image_tokens > max_length:
+            raise ValueError(
+                f"data.max_length ({max_length}) is below the {self.image_tokens} tokens of one image"
+            )
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    # ------------------------------------------------------------------------------------------ text → image
+    def caption_dropped(self, draw: int) -> bool:
+        if self.cfg_drop_prob <= 0:
+            return False
+        return bool(np.random.default_rng((self.seed, _DROP_TAG, int(draw))).random() < self.cfg_drop_prob)
+
+    def generation_prompt(self, caption: str) -> list[int]:
+        """Token ids of the text-to-image prompt (an empty caption gives the unconditional prompt)."""
+        caption = caption.strip()
+        if not caption:
+            return self.encode(self.template.instruction.format(input=self.unconditional_prompt))
+        ids = self.encode(self.template.instruction.format(input=self.generation_prefix + caption))
+        if len(ids) <= self.max_prompt_length:
+            return ids
+        # cut the caption (never the template) until the prompt fits
+        overflow = len(ids) - self.max_prompt_length
+        caption_ids = self.encode(caption)
+        while overflow > 0 and caption_ids:
+            caption_ids = caption_ids[: max(0, len(caption_ids) - overflow)]
+            text = self.tokenizer.decode(caption_ids).strip()
+            ids = self.encode(self.template.instruction.format(input=self.generation_prefix + text))
+            overflow = len(ids) - self.max_prompt_length
+        if overflow > 0:
+            raise ValueError(f"data.max_prompt_length ({self.max_prompt_length}) cannot hold the prompt template")
+        return ids
+
+    # ------------------------------------------------------------------------------------------ image → text
+    def conversation(self, turns: Sequence[tuple[str, str]]) -> tuple[list[int], list[int]]:
+        """Token ids and labels of a conversation about one image (placeholder expanded)."""
+        head, tail = self.template.instruction.split("{input}", 1)
+        ids: list[int] = []
+        labels: list[int] = []
+        for i, (question, answer) in enumerate(turns):
+            if i == 0:
+                question = f"{self.image_token}\n{question}"
+            prompt = (self.template.sep if i else "") + head + question + tail
+            prompt_ids = self._expand_image(self.encode(prompt), first=i == 0)
+            answer_ids = self.encode(answer) + self.suffix_ids
+            room = self.max_length - len(ids) - len(prompt_ids)
+            if room <= 0:
+                if i == 0:
+                    raise ValueError(
+                        f"data.max_length ({self.max_length}) cannot hold the image and the first question"
+                    )
+                break
+            if len(answer_ids) > room:
+                answer_ids = answer_ids[:room]
+            ids += prompt_ids + answer_ids
+            labels += [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+            if len(ids) >= self.max_length:
+                break
+        return ids, labels
+
+    def _expand_image(self, ids: list[int], first: bool) -> list[int]:
+        count = ids.count(self.image_token_id)
+        if count != (1 if first else 0):
+            raise ValueError(
+                f"expected {'one' if first else 'no'} {self.image_token} token in a prompt, found {count}: "
+                "is the image token a single token of the tokenizer?"
+            )
+        if not first:
+            return ids
+        at = ids.index(self.image_token_id)
+        return ids[:at] + [self.image_token_id] * self.image_tokens + ids[at + 1:]
+
+    # --------------------------------------------------------------------------------------------------- text
+    def document(self, text: str) -> list[int]:
+        return (self.encode(text) + [self.end_of_text_id])[: self.max_length]
+
+    # ------------------------------------------------------------------------------------------------ batching
+    def pad(self, rows: Sequence[list[int]], value: int) -> torch.Tensor:
+        length = max(len(row) for row in rows)
+        out = torch.full((len(rows), length), value, dtype=torch.long)
+        for i, row in enumerate(rows):
+            out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        return out
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        tasks = {sample["task"] for sample in samples}
+        if len(tasks) != 1:
+            raise ValueError(f"a micro-batch holds one task, got {sorted(tasks)}")
+        task = tasks.pop()
+        batch: dict[str, Any] = {"task": task}
+        if task == "text_to_image":
+            captions = ["" if self.caption_dropped(s["draw"]) else s["caption"] for s in samples]
+            rows = [self.generation_prompt(caption) for caption in captions]
+            batch["captions"] = captions
+            batch["pixels"] = torch.stack([s["pixels"] for s in samples])
+            label_rows = None
+        elif task == "image_to_text":
+            rows, label_rows = zip(*(self.conversation(s["turns"]) for s in samples))
+            batch["pixels"] = torch.stack([s["pixels"] for s in samples])
+        elif task == "text":
+            rows = [self.document(s["text"]) for s in samples]
+            label_rows = rows
+        else:
+            raise ValueError(f"unknown task {task!r}")
+        batch["input_ids"] = self.pad(rows, self.pad_id)
+        batch["attention_mask"] = self.pad([[1] * len(row) for row in rows], 0)
+        if label_rows is not None:
+            batch["labels"] = self.pad(label_rows, IGNORE_INDEX)
+        return batch

@@ -1,0 +1,337 @@
+"""Training recipes as data: the pydantic schema of a stage YAML, and its loader.
+
+A recipe names the model to train (a preset or a saved folder), which of :class:`~harmon.model.HarmonModel`'s
+modules train and at which learning rate, the optimiser and schedule, the batch geometry, the data sources of the
+three tasks with their mixing ratio, and where checkpoints and the export go. Every section forbids unknown keys,
+so a typo fails at load time with the field's name; files are checked to exist before any model is built (pass
+``check_files=False`` to validate a recipe on a machine without its data).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationInfo,
+    model_validator,
+)
+
+TASKS = ("text", "image_to_text", "text_to_image")
+"""The three training tasks, in the paper's order (Table 1 gives ratios text : image→text : text→image)."""
+
+CORE_MODULES = ("encoder", "decoder", "head", "llm", "proj_in", "proj_out")
+OPTIONAL_MODULES = ("understanding_encoder", "understanding_proj_in")
+"""Present only in a decoupled design (a separate understanding encoder); skipped when the model has none."""
+MODULE_NAMES = (*CORE_MODULES, *OPTIONAL_MODULES, "vae")
+"""Trainable units: the attributes of :class:`~harmon.model.HarmonModel` holding parameters."""
+
+LR_FALLBACKS = {
+    "head": "decoder", "proj_in": "decoder", "proj_out": "decoder",
+    "understanding_proj_in": "decoder", "understanding_encoder": "encoder",
+}
+"""Modules that train with another module's learning rate unless configured: the head and the connectors with
+the decoder's (as the recipes of the paper state), a decoupled understanding encoder with the encoder's."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _check_files(info: ValidationInfo) -> bool:
+    return bool((info.context or {}).get("check_files", True))
+
+
+# ------------------------------------------------------------------------------------------------------- model
+class ModelSource(_Strict):
+    """Where the model comes from: exactly one of ``preset`` (random init, optionally with initial LLM / VAE
+    weights) and ``pretrained`` (a folder written by ``HarmonModel.save_pretrained``, e.g. the previous stage's
+    ``export/harmon_model``)."""
+
+    preset: str | None = None
+    pretrained: Path | None = None
+    tokenizer: Path | None = Field(
+        None,
+        description="tokenizer folder; the `tiny` preset uses harmon.testing.tiny_tokenizer(), a `pretrained` "
+        "folder defaults to itself (or its `tokenizer/` subfolder)",
+    )
+    llm_weights: Path | None = Field(None, description="Qwen folder whose weights initialise `llm` (preset only)")
+    vae_checkpoint: Path | None = Field(None, description="MAR's kl16.ckpt for the VAE (preset only)")
+    image_token: str = "<image>"
+
+    @model_validator(mode="after")
+    def _one_source(self, info: ValidationInfo) -> "ModelSource":
+        if (self.preset is None) == (self.pretrained is None):
+            raise ValueError("model: give exactly one of model.preset and model.pretrained")
+        if self.pretrained is not None and (self.llm_weights or self.vae_checkpoint):
+            raise ValueError("model.llm_weights / model.vae_checkpoint only apply to a model.preset")
+        if self.preset is not None:
+            from harmon.configs import PRESETS
+
+            if self.preset not in PRESETS:
+                raise ValueError(f"model.preset: unknown preset {self.preset!r}; known: {', '.join(sorted(PRESETS))}")
+            if self.preset != "tiny" and self.tokenizer is None:
+                raise ValueError(f"model.tokenizer: a tokenizer folder is needed for preset {self.preset!r}")
+        if _check_files(info):
+            for field in ("pretrained", "tokenizer", "llm_weights"):
+                path = getattr(self, field)
+                if path is not None and not path.is_dir():
+                    raise ValueError(f"model.{field}: folder not found: {path}")
+            if self.vae_checkpoint is not None and not self.vae_checkpoint.is_file():
+                raise ValueError(f"model.vae_checkpoint: file not found: {self.vae_checkpoint}")
+        return self
+
+
+# ------------------------------------------------------------------------------------------------------- data
+class CaptionSource(_Strict):
+    """Image–caption pairs in the original release's layout: ``data_info`` is a JSON list of
+    ``{"image": <path>, "annotation": <path>}``; each annotation file is JSON holding ``{"caption": ...}``.
+    Image paths are relative to ``image_folder``, annotation paths to ``annotation_folder`` (both default to the
+    folder of ``data_info``). Used by ``text_to_image`` (caption → prompt) and by ``image_to_text`` (captioning:
+    ``question`` → caption)."""
+
+    format: Literal["caption"] = "caption"
+    data_info: Path
+    image_folder: Path | None = None
+    annotation_folder: Path | None = None
+    caption_key: str = "caption"
+    question: str = "Describe this image."
+
+
+class LlavaSource(_Strict):
+    """Understanding conversations in LLaVA's JSON form: a list of ``{"image": <path>, "conversations":
+    [{"from": "human", "value": "<image>\\n…"}, {"from": "gpt", "value": "…"}, …]}``; image paths relative to
+    ``image_folder`` (default: the JSON's folder). Entries without an image are skipped."""
+
+    format: Literal["llava"] = "llava"
+    path: Path
+    image_folder: Path | None = None
+
+
+class TextSource(_Strict):
+    """Plain text: a ``.jsonl`` file of ``{"text": ...}`` objects or a ``.txt`` file, one document per line."""
+
+    format: Literal["text"] = "text"
+    path: Path
+    text_key: str = "text"
+
+
+_ALLOWED_FORMATS = {"text": ("text",), "image_to_text": ("llava", "caption"), "text_to_image": ("caption",)}
+
+
+class TaskRatios(_Strict):
+    """Micro-batches of each task per cycle (paper Table 1: 0:1:2, 1:3:8, 1:3:16)."""
+
+    text: NonNegativeInt = 0
+    image_to_text: NonNegativeInt = 0
+    text_to_image: NonNegativeInt = 0
+
+    @model_validator(mode="after")
+    def _not_all_zero(self) -> "TaskRatios":
+        if self.text + self.image_to_text + self.text_to_image == 0:
+            raise ValueError("data.ratios: the task ratios sum to 0; give at least one task a positive ratio")
+        return self
+
+    def as_dict(self) -> dict[str, int]:
+        return {task: getattr(self, task) for task in TASKS}
+
+
+Source = Annotated[CaptionSource | LlavaSource | TextSource, Field(discriminator="format")]
+
+
+class DataConfig(_Strict):
+    root: Path | None = Field(None, description="relative source paths are resolved against this folder")
+    image_size: PositiveInt = 256
+    max_length: PositiveInt = Field(1024, description="tokens per understanding / text sample (image included)")
+    max_prompt_length: PositiveInt = Field(128, description="tokens of a text-to-image prompt")
+    cfg_drop_prob: float = Field(0.1, ge=0, le=1, description="share of captions replaced by the empty one")
+    num_workers: NonNegativeInt = 4
+    ratios: TaskRatios
+    text: list[Source] = Field(default_factory=list)
+    image_to_text: list[Source] = Field(default_factory=list)
+    text_to_image: list[Source] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _sources_fit(self, info: ValidationInfo) -> "DataConfig":
+        ratios = self.ratios.as_dict()
+        for task in TASKS:
+            sources = getattr(self, task)
+            for i, source in enumerate(sources):
+                if source.format not in _ALLOWED_FORMATS[task]:
+                    raise ValueError(
+                        f"data.{task}[{i}].format: {source.format!r} cannot feed {task}; "
+                        f"use one of {_ALLOWED_FORMATS[task]}"
+                    )
+            if ratios[task] > 0 and not sources:
+                raise ValueError(f"data.ratios.{task} is {ratios[task]} but data.{task} lists no source")
+        if _check_files(info):
+            for task in TASKS:
+                for i, source in enumerate(getattr(self, task)):
+                    if ratios[task] == 0:
+                        continue
+                    field = "data_info" if isinstance(source, CaptionSource) else "path"
+                    path = self.resolve(getattr(source, field))
+                    if not path.is_file():
+                        raise ValueError(f"data.{task}[{i}].{field}: file not found: {path}")
+                    for folder_field in ("image_folder", "annotation_folder"):
+                        folder = getattr(source, folder_field, None)
+                        if folder is not None and not self.resolve(folder).is_dir():
+                            raise ValueError(
+                                f"data.{task}[{i}].{folder_field}: folder not found: {self.resolve(folder)}"
+                            )
+        return self
+
+    def resolve(self, path: Path) -> Path:
+        path = Path(os.path.expanduser(path))
+        if path.is_absolute() or self.root is None:
+            return path
+        return Path(os.path.expanduser(self.root)) / path
+
+
+# ----------------------------------------------------------------------------------------------- optimisation
+class OptimizerConfig(_Strict):
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: PositiveFloat = 1e-8
+    weight_decay: NonNegativeFloat = 0.02
+    max_grad_norm: PositiveFloat | None = 1.0
+
+
+class ScheduleConfig(_Strict):
+    name: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: NonNegativeInt = 0
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine floor as a fraction of each group's lr")
+
+
+class LossWeights(_Strict):
+    text: NonNegativeFloat = 1.0
+    image_to_text: NonNegativeFloat = 1.0
+    text_to_image: NonNegativeFloat = 1.0
+
+
+class TrainingConfig(_Strict):
+    max_steps: PositiveInt
+    global_batch_size: PositiveInt
+    micro_batch_size: PositiveInt = Field(description="samples per device per forward")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on CUDA, fp32 elsewhere"
+    )
+    gradient_checkpointing: bool = False
+    log_every: PositiveInt = 10
+    checkpoint_every: PositiveInt = 1000
+    keep_last: PositiveInt = 3
+    log_with: Literal["auto", "tensorboard", "none"] = "auto"
+
+
+class TrainConfig(_Strict):
+    """A whole run: ``experiments/configs/stage*_*.yaml`` and ``smoke.yaml`` are instances."""
+
+    stage: Literal[1, 2, 3] | None = None
+    run_name: str = "harmon"
+    seed: int = 0
+    output_dir: Path
+    model: ModelSource
+    frozen_modules: list[str] = Field(default_factory=list, description="the VAE is always frozen")
+    learning_rates: dict[str, PositiveFloat] = Field(
+        default_factory=dict, description="per module; head, proj_in and proj_out default to the decoder's"
+    )  # see LR_FALLBACKS
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    training: TrainingConfig
+    loss_weights: LossWeights = LossWeights()
+    data: DataConfig
+
+    @model_validator(mode="after")
+    def _modules(self) -> "TrainConfig":
+        known = ", ".join(MODULE_NAMES)
+        for field, names in (("frozen_modules", self.frozen_modules), ("learning_rates", list(self.learning_rates))):
+            for name in names:
+                if name not in MODULE_NAMES:
+                    raise ValueError(f"{field}: unknown module {name!r} (HarmonModel modules: {known})")
+        if "vae" in self.learning_rates:
+            raise ValueError("learning_rates.vae: the VAE is always frozen")
+        for name in self.frozen_modules:
+            if name in self.learning_rates:
+                raise ValueError(f"learning_rates.{name}: {name} is listed in frozen_modules")
+        for name in self.trainable_modules:
+            if name in CORE_MODULES:
+                self.module_lr(name)  # raises when a trainable module has no learning rate
+        if not any(name in CORE_MODULES for name in self.trainable_modules):
+            raise ValueError("frozen_modules: every module is frozen, nothing would train")
+        return self
+
+    @property
+    def trainable_modules(self) -> list[str]:
+        return [name for name in MODULE_NAMES if name != "vae" and name not in self.frozen_modules]
+
+    def module_lr(self, name: str) -> float:
+        if name in self.learning_rates:
+            return self.learning_rates[name]
+        base = LR_FALLBACKS.get(name)
+        if base is not None and base in self.learning_rates:
+            return self.learning_rates[base]
+        fallback = f" (or learning_rates.{base}, which it defaults to)" if base else ""
+        raise ValueError(
+            f"learning_rates.{name} is needed{fallback}: {name} is trainable (list it in frozen_modules to freeze it)"
+        )
+
+
+# ------------------------------------------------------------------------------------------------------ loading
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | list[str] | None) -> dict[str, Any]:
+    """Set dotted keys (``training.max_steps=10`` or ``{"data.root": "/x"}``; strings are YAML-parsed)."""
+    if not overrides:
+        return data
+    items = overrides.items() if isinstance(overrides, dict) else (_split_override(o) for o in overrides)
+    for key, value in items:
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ValueError(f"override {key}: {part} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _split_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ValueError(f"override {text!r}: expected KEY=VALUE")
+    key, value = text.split("=", 1)
+    return key.strip(), yaml.safe_load(value)
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    *,
+    data: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | list[str] | None = None,
+    check_files: bool = True,
+) -> TrainConfig:
+    """Read a recipe YAML (or take ``data``), apply ``overrides`` and validate it."""
+    if (path is None) == (data is None):
+        raise ValueError("give exactly one of path and data")
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"training config not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a training config is a YAML mapping")
+    data = apply_overrides(copy.deepcopy(data), overrides)
+    return TrainConfig.model_validate(data, context={"check_files": check_files})
+
+
+def dump_config(config: TrainConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,221 @@
+"""Training data: the record formats of the three tasks and a dataset keyed by ``(task, index, draw)``.
+
+* :class:`CaptionRecords` — the original release's layout: ``data_info.json`` lists ``{"image", "annotation"}``,
+  each annotation a JSON file holding the caption;
+* :class:`LlavaRecords` — LLaVA conversations (``conversations`` of ``human``/``gpt`` turns, ``<image>`` in the
+  first question);
+* :class:`TextRecords` — plain text, one document per line (``.txt``) or per JSON line (``.jsonl``).
+
+Images are RGB PIL images turned into ``(3, S, S)`` tensors in [-1, 1]: generation targets are resized on the
+short side and centre-cropped; understanding inputs are padded to a square with gray (127, 127, 127) and resized,
+as Harmon's understanding pre-processing does. There is no random flip: captions name left and right.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.transforms import functional as TF
+from torchvision.transforms import InterpolationMode
+
+from harmon.training.config import TASKS, CaptionSource, DataConfig, LlavaSource, TextSource
+
+GRAY = (127, 127, 127)
+_IMAGE_PLACEHOLDER = re.compile(r"\s*<image>\s*")
+
+
+def _read_json_list(path: Path, what: str) -> list:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: cannot read the {what} JSON: {error}") from error
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: the {what} must be a JSON list")
+    return data
+
+
+def load_rgb(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except OSError as error:
+        raise OSError(f"cannot read image {path}: {error}") from error
+
+
+def to_unit_range(image: Image.Image) -> torch.Tensor:
+    return TF.to_tensor(image) * 2.0 - 1.0
+
+
+def generation_pixels(image: Image.Image, size: int) -> torch.Tensor:
+    """Resize the short side to ``size``, centre-crop ``size × size``: ``(3, size, size)`` in [-1, 1]."""
+    image = TF.resize(image, size, interpolation=InterpolationMode.BICUBIC, antialias=True)
+    return to_unit_range(TF.center_crop(image, [size, size]))
+
+
+def understanding_pixels(image: Image.Image, size: int) -> torch.Tensor:
+    """Pad to a square with gray, resize to ``size × size``: ``(3, size, size)`` in [-1, 1]."""
+    width, height = image.size
+    if width != height:
+        side = max(width, height)
+        left, top = (side - width) // 2, (side - height) // 2
+        image = TF.pad(image, [left, top, side - width - left, side - height - top], fill=GRAY)
+    image = TF.resize(image, [size, size], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    return to_unit_range(image)
+
+
+# -------------------------------------------------------------------------------------------------- records
+class CaptionRecords:
+    """Image–caption pairs in the release layout (see :class:`~harmon.training.config.CaptionSource`)."""
+
+    def __init__(self, source: CaptionSource, data: DataConfig) -> None:
+        self.source = source
+        info = data.resolve(source.data_info)
+        self.image_folder = data.resolve(source.image_folder) if source.image_folder else info.parent
+        self.annotation_folder = data.resolve(source.annotation_folder) if source.annotation_folder else info.parent
+        self.entries = _read_json_list(info, "data_info")
+        for i, entry in enumerate(self.entries[:1]):
+            if not isinstance(entry, dict) or "image" not in entry or "annotation" not in entry:
+                raise ValueError(f"{info}: entry {i} must hold 'image' and 'annotation'")
+        self.question = source.question
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def caption(self, index: int) -> str:
+        path = self.annotation_folder / self.entries[index]["annotation"]
+        annotation = json.loads(path.read_text())
+        if self.source.caption_key not in annotation:
+            raise KeyError(f"{path} has no {self.source.caption_key!r}")
+        return str(annotation[self.source.caption_key]).strip()
+
+    def image(self, index: int) -> Image.Image:
+        return load_rgb(self.image_folder / self.entries[index]["image"])
+
+
+class LlavaRecords:
+    """LLaVA conversations with an image (see :class:`~harmon.training.config.LlavaSource`)."""
+
+    def __init__(self, source: LlavaSource, data: DataConfig) -> None:
+        path = data.resolve(source.path)
+        self.image_folder = data.resolve(source.image_folder) if source.image_folder else path.parent
+        self.entries: list[dict[str, Any]] = []
+        self.skipped = 0
+        for entry in _read_json_list(path, "LLaVA conversations"):
+            turns = conversation_turns(entry.get("conversations", [])) if isinstance(entry, dict) else []
+            if not isinstance(entry, dict) or "image" not in entry or not turns:
+                self.skipped += 1  # text-only or empty conversations have no place in the image→text task
+                continue
+            self.entries.append({"image": entry["image"], "turns": turns})
+        if not self.entries:
+            raise ValueError(f"{path}: no conversation with an image")
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def image(self, index: int) -> Image.Image:
+        return load_rgb(self.image_folder / self.entries[index]["image"])
+
+
+def conversation_turns(conversations: Sequence[dict]) -> list[tuple[str, str]]:
+    """LLaVA messages → ``[(question, answer), …]``; ``<image>`` is removed from the questions (the collator
+    puts the placeholder in front of the first one)."""
+    turns = []
+    for i in range(0, len(conversations) - 1, 2):
+        human, gpt = conversations[i], conversations[i + 1]
+        if human.get("from") != "human" or gpt.get("from") != "gpt":
+            break
+        question = _IMAGE_PLACEHOLDER.sub(" ", human.get("value", "")).strip()
+        turns.append((question, str(gpt.get("value", "")).strip()))
+    return turns
+
+
+class TextRecords:
+    """Plain text, one document per line; only line offsets are kept in memory."""
+
+    def __init__(self, source: TextSource, data: DataConfig) -> None:
+        self.path = data.resolve(source.path)
+        self.key = source.text_key
+        self.jsonl = self.path.suffix == ".jsonl"
+        offsets = []
+        position = 0
+        with self.path.open("rb") as handle:
+            for line in handle:
+                if line.strip():
+                    offsets.append(position)
+                position += len(line)
+        if not offsets:
+            raise ValueError(f"{self.path}: no text")
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def text(self, index: int) -> str:
+        with self.path.open("rb") as handle:
+            handle.seek(int(self.offsets[index]))
+            line = handle.readline().decode("utf-8").rstrip("\n")
+        return str(json.loads(line)[self.key]) if self.jsonl else line
+
+
+# -------------------------------------------------------------------------------------------------- dataset
+class MultiTaskDataset(Dataset):
+    """Samples keyed by ``(task, index, draw)``: ``index`` runs over the task's sources one after another.
+
+    Returns ``{"task", "draw", …}`` plus ``pixels`` and ``caption`` (text→image), ``pixels`` and ``turns``
+    (image→text), or ``text`` (text).
+    """
+
+    def __init__(self, data: DataConfig) -> None:
+        self.image_size = data.image_size
+        ratios = data.ratios.as_dict()
+        self.sources: dict[str, list] = {}
+        for task in TASKS:
+            records = []
+            if ratios[task] > 0:
+                for source in getattr(data, task):
+                    if isinstance(source, CaptionSource):
+                        records.append(CaptionRecords(source, data))
+                    elif isinstance(source, LlavaSource):
+                        records.append(LlavaRecords(source, data))
+                    else:
+                        records.append(TextRecords(source, data))
+            self.sources[task] = records
+        self.offsets = {task: np.cumsum([0] + [len(r) for r in self.sources[task]]) for task in TASKS}
+
+    def task_size(self, task: str) -> int:
+        return int(self.offsets[task][-1])
+
+    def __len__(self) -> int:
+        return sum(self.task_size(task) for task in TASKS)
+
+    def _locate(self, task: str, index: int):
+        offsets = self.offsets[task]
+        if not 0 <= index < offsets[-1]:
+            raise IndexError(f"{task} index {index} out of range ({offsets[-1]} samples)")
+        source = int(np.searchsorted(offsets, index, side="right") - 1)
+        return self.sources[task][source], index - int(offsets[source])
+
+    def __getitem__(self, key: tuple[str, int, int]) -> dict[str, Any]:
+        task, index, draw = key
+        records, local = self._locate(task, int(index))
+        sample: dict[str, Any] = {"task": task, "draw": int(draw)}
+        if task == "text_to_image":
+            sample["pixels"] = generation_pixels(records.image(local), self.image_size)
+            sample["caption"] = records.caption(local)
+        elif task == "image_to_text":
+            sample["pixels"] = understanding_pixels(records.image(local), self.image_size)
+            if isinstance(records, CaptionRecords):
+                sample["turns"] = [(records.question, records.caption(local))]
+            else:
+                sample["turns"] = list(records.entries[local]["turns"])
+        else:
+            sample["text"] = records.text(local)
+        return sample
