@@ -146,11 +146,17 @@ def describe_pipeline(pipe) -> dict:
             entry["dtype"] = str(parameters[0].dtype).replace("torch.", "") if parameters else None
         components[name] = entry
     core = pipe.harmon
-    for part in ("encoder", "decoder", "head", "proj_in", "proj_out"):
-        components[f"harmon.{part}"] = {"parameters": sum(p.numel() for p in getattr(core, part).parameters())}
+    for part in ("encoder", "decoder", "head", "proj_in", "proj_out", "understanding_encoder", "understanding_proj_in"):
+        module = getattr(core, part, None)
+        if module is not None:  # a shared core has no understanding encoder of its own
+            components[f"harmon.{part}"] = {"parameters": sum(p.numel() for p in module.parameters())}
+    understanding = config.understanding_encoder
     return {
         "encoder": config.encoder.name,
-        "understanding_encoder": "shared (the generation encoder)",
+        "understanding_encoder": (
+            "shared (the generation encoder)" if understanding is None
+            else f"{understanding.name} (decoupled, {pipe.model.understanding_image_size} px)"
+        ),
         "decoder": config.decoder.name,
         "head": config.head.name,
         "backbone": config.backbone.name,

@@ -2,7 +2,10 @@
 
 A :class:`HarmonConfig` names one registered component per role (``ComponentSpec``: registry name + config
 overrides, validated against that component's own pydantic config at construction) plus the VAE and the
-model-level settings. Presets are data: ``harmon-0.5b``, ``harmon-1.5b`` and ``tiny``.
+model-level settings. ``understanding_encoder`` is ``None`` for Harmon's shared design (the generation encoder also
+serves understanding) or names a decoupled understanding encoder (e.g. ``siglip-base-patch16-256``, Janus-like).
+Presets are data: ``harmon-0.5b``, ``harmon-1.5b``, ``tiny``, and the decoupled ``harmon-0.5b-siglip``,
+``tiny-siglip``.
 """
 
 from __future__ import annotations
@@ -10,7 +13,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+from pydantic_core import to_jsonable_python
 
 from harmon.encoders.vae import KLAutoencoderConfig
 from harmon.registry import BACKBONES, DECODERS, ENCODERS, HEADS, Registry
@@ -19,6 +23,8 @@ from harmon.registry import BACKBONES, DECODERS, ENCODERS, HEADS, Registry
 import harmon.backbones.qwen  # noqa: E402,F401
 import harmon.decoders.mar  # noqa: E402,F401
 import harmon.encoders.mar  # noqa: E402,F401
+import harmon.encoders.siglip  # noqa: E402,F401
+import harmon.encoders.vqgan  # noqa: E402,F401
 import harmon.heads.diffusion  # noqa: E402,F401
 
 
@@ -29,6 +35,12 @@ class ComponentSpec(BaseModel):
 
     name: str
     config: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("config")
+    @classmethod
+    def _json_form(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # kept in its JSON form (tuples as lists) so that a spec equals itself after a save / load
+        return to_jsonable_python(value)
 
     def resolve(self, registry: Registry) -> BaseModel | None:
         """The component's validated config (unknown name / bad field → a clear error)."""
@@ -55,6 +67,10 @@ class HarmonConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     encoder: ComponentSpec = ComponentSpec(name="mar-b")
+    # None: shared (the generation encoder serves understanding too, the paper's design); else a decoupled
+    # understanding encoder with its own proj_in: a pixel encoder (SigLIP, VQGAN, the KL VAE, a plugin) or a
+    # second token encoder (MAR) reading the model's VAE tokens
+    understanding_encoder: ComponentSpec | None = None
     decoder: ComponentSpec = ComponentSpec(name="mar-b")
     head: ComponentSpec = ComponentSpec(name="mlp-adaln-b")
     backbone: ComponentSpec = ComponentSpec(name="qwen2.5-0.5b-instruct")
@@ -91,6 +107,18 @@ class HarmonConfig(BaseModel):
         for role, cfg in (("encoder", encoder), ("decoder", decoder)):
             if hasattr(cfg, "base_grid"):
                 _expect(problems, f"{role}.base_grid", tuple(cfg.base_grid), (grid, grid))
+        if reads_pixels(self.encoder.name):
+            problems.append(
+                f"encoder {self.encoder.name!r} reads pixels (an understanding encoder); the generation encoder must "
+                "be a token encoder such as mar-b (set it as understanding_encoder instead)"
+            )
+        if self.understanding_encoder is not None:
+            understanding = self.understanding_encoder.resolve(ENCODERS)
+            if not reads_pixels(self.understanding_encoder.name):  # a token encoder reads the model's VAE tokens
+                _expect(problems, "understanding_encoder.token_dim",
+                        getattr(understanding, "token_dim", token_dim), token_dim)
+                if hasattr(understanding, "base_grid"):
+                    _expect(problems, "understanding_encoder.base_grid", tuple(understanding.base_grid), (grid, grid))
         if problems:
             raise ValueError("components do not fit together: " + "; ".join(problems))
         return self
@@ -98,6 +126,11 @@ class HarmonConfig(BaseModel):
     @property
     def token_dim(self) -> int:
         return self.vae.embed_dim * self.patch_size**2
+
+    @property
+    def shared_encoder(self) -> bool:
+        """True when the generation encoder also serves understanding (no decoupled understanding encoder)."""
+        return self.understanding_encoder is None
 
     @property
     def latent_stride(self) -> int:
@@ -174,6 +207,11 @@ class HarmonConfig(BaseModel):
 def to_original_config(config: HarmonConfig) -> dict[str, Any]:
     """The original model config (``mar`` / ``vae`` constructor arguments, ``vae_scale``, ``prompt_template``) of
     a Harmon model built from MAR-family components: the inverse of :meth:`HarmonConfig.from_original`."""
+    if config.understanding_encoder is not None:
+        raise ValueError(
+            f"a decoupled understanding encoder ({config.understanding_encoder.name!r}) has no original config form: "
+            "the original release shares its MAR encoder"
+        )
     encoder = config.encoder.resolve(ENCODERS)
     decoder = config.decoder.resolve(DECODERS)
     head = config.head.resolve(HEADS)
@@ -227,6 +265,12 @@ def qwen_fields_from_transformers(llm_config: Any) -> dict[str, Any]:
     )
 
 
+def reads_pixels(encoder_name: str) -> bool:
+    """Whether the registered encoder ``encoder_name`` is a pixel encoder (it has ``preprocess``,
+    :class:`~harmon.interfaces.UnderstandingEncoder`) rather than a token encoder reading VAE tokens (MAR)."""
+    return callable(getattr(ENCODERS.get(encoder_name).component, "preprocess", None))
+
+
 def _expect(problems: list[str], field: str, actual: Any, expected: Any) -> None:
     if actual != expected:
         problems.append(f"{field} is {actual}, expected {expected}")
@@ -254,3 +298,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         image_size=64,
     ),
 }
+# decoupled (Janus-like): SigLIP for understanding, MAR for generation
+PRESETS["harmon-0.5b-siglip"] = dict(
+    PRESETS["harmon-0.5b"], understanding_encoder=ComponentSpec(name="siglip-base-patch16-256")
+)
+PRESETS["tiny-siglip"] = dict(PRESETS["tiny"], understanding_encoder=ComponentSpec(name="siglip-tiny"))

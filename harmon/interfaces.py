@@ -17,14 +17,34 @@ import torch
 
 @runtime_checkable
 class VisualEncoder(Protocol):
-    """Image features for understanding.
+    """Image features: what every component of the ``ENCODERS`` registry provides.
 
-    ``encode(pixels)``: pixels ``(B, 3, H, W)`` in [-1, 1] → features ``(B, N, hidden_size)``.
+    ``encode(x)`` → features ``(B, N, hidden_size)``. A *pixel* encoder (:class:`UnderstandingEncoder`: SigLIP,
+    VQGAN, the KL VAE, plugins) reads pixels prepared by its own ``preprocess``; a *token* encoder
+    (:class:`GenerationEncoder`: MAR) reads VAE tokens ``(B, m, n, C)``, the model tokenising pixels first.
     """
 
     hidden_size: int
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class UnderstandingEncoder(VisualEncoder, Protocol):
+    """A pixel encoder that can serve as Harmon's (decoupled) understanding encoder, with its own preprocessing.
+
+    ``preprocess(pixels)``: ``(B, 3, H, W)`` floats in [-1, 1] (any size) → ``encode``'s input
+    ``(B, 3, image_size, image_size)``: padded to a square with gray, resized, then normalised per channel as
+    ``((pixels + 1) / 2 - image_mean) / image_std`` (transformers' convention on [0, 1] pixels; mean = std = 0.5
+    keeps [-1, 1]). ``encode(preprocess(pixels))`` → ``(B, N, hidden_size)``, N fixed by ``image_size``.
+    :class:`harmon.encoders.common.PixelPreprocessing` implements ``preprocess`` from the three attributes.
+    """
+
+    image_size: int
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+
+    def preprocess(self, pixels: torch.Tensor) -> torch.Tensor: ...
 
 
 @runtime_checkable

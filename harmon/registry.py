@@ -221,6 +221,9 @@ class Registry(Generic[T]):
 # the families shipped with harmon register themselves when imported; they are imported on the first lookup
 BUILTIN_FAMILIES = (
     "harmon.encoders.mar",
+    "harmon.encoders.vae",
+    "harmon.encoders.siglip",
+    "harmon.encoders.vqgan",
     "harmon.decoders.mar",
     "harmon.heads.diffusion",
     "harmon.backbones.qwen",

@@ -37,17 +37,23 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def tiny_model(seed: int = 0, sane_head: bool = True):
+def tiny_model(seed: int = 0, sane_head: bool = True, understanding_encoder=None):
     """A randomly initialised ``tiny`` :class:`~harmon.model.HarmonModel` in eval mode.
 
     MAR initialises the head's output layers at zero, which makes a random head predict ε = 0; with
     ``sane_head`` those layers get small random values so that samples depend on the prompt.
+    ``understanding_encoder`` (a registered name or a :class:`~harmon.configs.ComponentSpec`) makes it decoupled.
     """
-    from harmon.configs import HarmonConfig
+    from harmon.configs import ComponentSpec, HarmonConfig
     from harmon.model import HarmonModel
 
     torch.manual_seed(seed)
-    model = HarmonModel.from_config(HarmonConfig.from_preset("tiny"))
+    overrides = {}
+    if understanding_encoder is not None:
+        if isinstance(understanding_encoder, str):
+            understanding_encoder = ComponentSpec(name=understanding_encoder)
+        overrides["understanding_encoder"] = understanding_encoder
+    model = HarmonModel.from_config(HarmonConfig.from_preset("tiny", **overrides))
     if sane_head:
         with torch.no_grad():
             for parameter in model.head.parameters():

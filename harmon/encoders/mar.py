@@ -6,6 +6,14 @@ on) → ``z_proj_ln`` → masked tokens dropped → timm ViT blocks → LayerNor
 
 Registered as ``mar-b`` (D=768, 12 blocks, 12 heads: Harmon-0.5B), ``mar-h`` (D=1280, 20 blocks, 16 heads:
 Harmon-1.5B) and ``mar-tiny`` (tests).
+
+A MAR encoder is a *token* encoder: ``encode`` reads VAE tokens ``(B, m, n, C)``, not pixels. Used as Harmon's
+understanding encoder it is either the generation encoder itself (shared, the paper's design) or, decoupled
+(``HarmonConfig.understanding_encoder = mar-b``), a second MAR encoder with its own weights and ``proj_in``. In both
+cases the model tokenises the pixels with its own frozen VAE (the same tokens generation is trained on):
+the decoupled MAR encoder borrows the model's VAE instead of holding a second copy of it. Understanding runs it
+with nothing masked and the buffer kept (``m·n + buffer_size`` embeddings).
+:func:`load_original_mar_encoder` loads it from the original MAR/Harmon layout, strictly.
 """
 
 from __future__ import annotations
@@ -140,3 +148,54 @@ def convert_original_mar_encoder(state_dict: dict[str, torch.Tensor]) -> dict[st
             else:
                 raise KeyError(key)
     return out
+
+
+_ORIGINAL_ENCODER_NAMES = {"pos_embed": "encoder_pos_embed_learned", "blocks.": "encoder_blocks.", "norm.": "encoder_norm."}
+
+
+def original_mar_encoder_name(key: str) -> str:
+    """:class:`MAREncoder` key → its name in the original MAR model (inverse of :func:`convert_original_mar_encoder`)."""
+    for new, old in _ORIGINAL_ENCODER_NAMES.items():
+        if key == new or (new.endswith(".") and key.startswith(new)):
+            return old + key[len(new):]
+    return key
+
+
+def load_original_mar_encoder(
+    encoder: MAREncoder, state_dict: dict[str, torch.Tensor], prefix: str = "", source: str = "MAR checkpoint"
+) -> None:
+    """Load the original MAR encoder tensors (``z_proj``, ``z_proj_ln``, ``fake_latent``,
+    ``encoder_pos_embed_learned``, ``encoder_blocks``, ``encoder_norm``; each name after ``prefix``, e.g.
+    ``"mar."`` for a Harmon release) into ``encoder``, strictly: missing, unexpected and mis-shaped tensors raise
+    :class:`~harmon.checkpoints.CheckpointKeyError` naming them by their original names.
+
+    E.g. a decoupled MAR understanding encoder initialised from the released MAR weights. Hand-written: no library
+    knows MAR's layout; the key renames are :func:`convert_original_mar_encoder`'s, applied one key at a time so
+    that every problem is reported by its original name."""
+    from harmon.checkpoints import CheckpointKeyError
+
+    expected = encoder.state_dict()
+    converted: dict[str, torch.Tensor] = {}
+    seen: set[str] = set()
+    unexpected, misshaped = [], []
+    for key, value in state_dict.items():
+        new_key = None
+        if key.startswith(prefix):
+            try:
+                ((new_key, value),) = convert_original_mar_encoder({key[len(prefix):]: value}).items()
+            except KeyError:  # a name of no encoder module
+                new_key = None
+        if new_key is None or new_key not in expected:
+            unexpected.append(key)
+            continue
+        seen.add(new_key)
+        if tuple(value.shape) != tuple(expected[new_key].shape):
+            misshaped.append(f"{key} {tuple(value.shape)} (expected {tuple(expected[new_key].shape)})")
+        else:
+            converted[new_key] = value
+    missing = [prefix + original_mar_encoder_name(k) for k in expected if k not in seen]
+    problems = [f"{label}: {', '.join(sorted(keys))}" for label, keys in
+                (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", misshaped)) if keys]
+    if problems:
+        raise CheckpointKeyError(f"{source} does not fit MAREncoder: " + "; ".join(problems))
+    encoder.load_state_dict(converted, strict=True)

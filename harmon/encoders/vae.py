@@ -18,13 +18,18 @@ The checkpoint converter reuses diffusers' LDM -> diffusers VAE renames (``diffu
 the top-level name table and the resnet / attention helpers, which also turn the 1x1-conv q/k/v/proj_out weights
 into linear weights) and routes each original key to them itself, so that encoder-level attention is covered and
 every tensor is accounted for: a missing, unexpected or mis-shaped tensor raises :class:`CheckpointKeyError`
-naming it.
+naming it. That routing is generic over LDM/taming-style autoencoders (:func:`convert_ldm_autoencoder_state_dict`);
+the VQGAN family (:mod:`harmon.encoders.vqgan`) reuses it.
+
+Registered encoder: ``vae-kl16`` (:class:`KLFeatureEncoder`), the VAE's posterior mode as understanding features
+``(B, m·n, 16)``.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -34,15 +39,23 @@ from diffusers.loaders.single_file_utils import (
     update_vae_attentions_ldm_to_diffusers,
     update_vae_resnet_ldm_to_diffusers,
 )
-from pydantic import BaseModel, ConfigDict, PositiveInt, model_validator
-from torch import Tensor
+from einops import rearrange
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from torch import Tensor, nn
 
 from harmon.checkpoints import CheckpointKeyError, read_state_dict
+from harmon.encoders.common import IDENTITY_MEAN_STD, PixelPreprocessing, module_dtype, should_load_pretrained
+from harmon.registry import ENCODERS
 
 __all__ = [
     "CheckpointKeyError",
     "KLAutoencoderConfig",
+    "KLFeatureEncoder",
+    "KLFeatureEncoderConfig",
+    "convert_autoencoder_state_dict_to_ldm",
+    "convert_ldm_autoencoder_state_dict",
     "build_kl_autoencoder",
+    "ldm_attention_levels",
     "convert_ldm_kl_state_dict",
     "convert_kl_state_dict_to_ldm",
     "load_ldm_kl_checkpoint",
@@ -86,13 +99,7 @@ class KLAutoencoderConfig(BaseModel):
     @property
     def attention_levels(self) -> tuple[int, ...]:
         """Encoder levels with attention, as the LDM encoder decides it (nominal resolution halves per level)."""
-        levels, res = [], self.resolution
-        for level in range(self.num_levels):
-            if res in self.attn_resolutions:
-                levels.append(level)
-            if level != self.num_levels - 1:
-                res //= 2
-        return tuple(levels)
+        return ldm_attention_levels(self.resolution, self.num_levels, self.attn_resolutions)
 
     @classmethod
     def from_original(cls, d: dict[str, Any]) -> KLAutoencoderConfig:
@@ -104,6 +111,12 @@ class KLAutoencoderConfig(BaseModel):
         if missing:
             raise ValueError(f"original vae config lacks required key(s): {missing}")
         return cls(**d)
+
+
+def ldm_attention_levels(resolution: int, num_levels: int, attn_resolutions: tuple[int, ...]) -> tuple[int, ...]:
+    """Levels (LDM numbering, highest resolution = 0) whose nominal resolution ``resolution // 2**level`` is
+    listed in ``attn_resolutions``: where the LDM/taming encoder (and the taming decoder) put attention."""
+    return tuple(level for level in range(num_levels) if resolution // 2**level in attn_resolutions)
 
 
 def build_kl_autoencoder(config: KLAutoencoderConfig) -> AutoencoderKL:
@@ -138,8 +151,13 @@ _LDM_LEVEL = re.compile(r"(encoder\.down|decoder\.up)\.(\d+)\.(block|attn)\.\d+\
 _LDM_RESAMPLE = re.compile(r"(encoder\.down|decoder\.up)\.(\d+)\.(downsample|upsample)\.conv\.([^.]+)")
 
 
-def _ldm_key_to_diffusers(key: str, tensor: Tensor, num_levels: int) -> tuple[str, Tensor] | None:
-    """Convert ONE original-layout tensor; ``None`` when the name fits no module of the layout."""
+def _ldm_key_to_diffusers(
+    key: str, tensor: Tensor, num_levels: int, extra_names: Mapping[str, str] | None = None
+) -> tuple[str, Tensor] | None:
+    """Convert ONE original-layout tensor; ``None`` when the name fits no module of the layout. ``extra_names``
+    (original -> diffusers) adds top-level names of other LDM-style autoencoders (e.g. a VQ codebook)."""
+    if extra_names and key in extra_names:
+        return extra_names[key], tensor
     if key in _LDM_TO_DIFFUSERS_TOP:
         return _LDM_TO_DIFFUSERS_TOP[key], tensor
     mapping = None
@@ -182,16 +200,19 @@ def _attn_leaf(rest: str) -> str:
     return f"{_ATTN_LEAF.get(module, module)}.{param}"
 
 
-def _diffusers_key_to_ldm(key: str, num_levels: int) -> str | None:
+def _diffusers_key_to_ldm(key: str, num_levels: int, extra_names: Mapping[str, str] | None = None) -> str | None:
     """The original name of a diffusers key (``None`` if unknown), verified by converting it back."""
-    ldm = _diffusers_key_to_ldm_unchecked(key, num_levels)
+    ldm = _diffusers_key_to_ldm_unchecked(key, num_levels, extra_names)
     if ldm is None:
         return None
-    back = _ldm_key_to_diffusers(ldm, torch.empty(0), num_levels)
+    back = _ldm_key_to_diffusers(ldm, torch.empty(0), num_levels, extra_names)
     return ldm if back is not None and back[0] == key else None
 
 
-def _diffusers_key_to_ldm_unchecked(key: str, num_levels: int) -> str | None:
+def _diffusers_key_to_ldm_unchecked(key: str, num_levels: int, extra_names: Mapping[str, str] | None = None) -> str | None:
+    for original, new in (extra_names or {}).items():
+        if new == key:
+            return original
     top = DIFFUSERS_TO_LDM_MAPPING["vae"].get(key)
     if top is not None:
         return top
@@ -217,22 +238,32 @@ def _diffusers_key_to_ldm_unchecked(key: str, num_levels: int) -> str | None:
     return None
 
 
-def convert_ldm_kl_state_dict(state_dict: dict[str, Tensor], config: KLAutoencoderConfig) -> dict[str, Tensor]:
-    """Original LDM/MAR layout (``kl16.ckpt``'s ``'model'``) -> ``build_kl_autoencoder(config)`` state_dict.
+def convert_ldm_autoencoder_state_dict(
+    state_dict: Mapping[str, Tensor],
+    reference: Mapping[str, Tensor],
+    num_levels: int,
+    *,
+    what: str,
+    extra_names: Mapping[str, str] | None = None,
+    ignored_prefixes: tuple[str, ...] = (),
+) -> dict[str, Tensor]:
+    """Strict original LDM/taming layout -> diffusers autoencoder state_dict, for any autoencoder whose diffusers
+    ``state_dict`` is ``reference`` (shapes only; meta tensors do) and that has ``num_levels`` resolution levels.
 
-    Strict: raises :class:`CheckpointKeyError` listing every missing (diffusers name, with its original name),
-    unexpected (original name) or mis-shaped tensor (original name). Values are the input tensors (attention
-    weights as ``[:, :, 0, 0]`` views), not copies.
+    ``extra_names`` (original -> diffusers) covers top-level tensors outside the KL VAE's table (the VQ codebook);
+    original keys starting with one of ``ignored_prefixes`` are dropped on purpose (a VQGAN's ``loss.*``:
+    discriminator and perceptual-loss weights). Raises :class:`CheckpointKeyError` naming every missing (diffusers
+    name, with its original name), unexpected (original name), duplicated or mis-shaped tensor (original name).
+    Values are the input tensors (attention weights as ``[:, :, 0, 0]`` views), not copies.
     """
-    with torch.device("meta"):
-        reference = build_kl_autoencoder(config).state_dict()
-
     converted: dict[str, Tensor] = {}
     source: dict[str, str] = {}
     unexpected: list[str] = []
     duplicated: list[str] = []
     for key, tensor in state_dict.items():
-        out = _ldm_key_to_diffusers(key, tensor, config.num_levels)
+        if ignored_prefixes and key.startswith(ignored_prefixes):
+            continue
+        out = _ldm_key_to_diffusers(key, tensor, num_levels, extra_names)
         if out is None or out[0] not in reference:
             unexpected.append(key)
             continue
@@ -245,7 +276,7 @@ def convert_ldm_kl_state_dict(state_dict: dict[str, Tensor], config: KLAutoencod
     missing = []
     for key in reference:
         if key not in converted:
-            ldm = _diffusers_key_to_ldm(key, config.num_levels)
+            ldm = _diffusers_key_to_ldm(key, num_levels, extra_names)
             missing.append(f"{ldm} (diffusers: {key})" if ldm else key)
     misshaped = [
         f"{source[k]}: {tuple(v.shape)}, expected {tuple(reference[k].shape)}"
@@ -263,20 +294,41 @@ def convert_ldm_kl_state_dict(state_dict: dict[str, Tensor], config: KLAutoencod
         if keys
     ]
     if problems:
-        raise CheckpointKeyError("checkpoint does not match the KL autoencoder config: " + "; ".join(problems))
+        raise CheckpointKeyError(f"checkpoint does not match {what}: " + "; ".join(problems))
     return {k: converted[k] for k in reference}
 
 
-def convert_kl_state_dict_to_ldm(state_dict: dict[str, Tensor], config: KLAutoencoderConfig) -> dict[str, Tensor]:
-    """Inverse of :func:`convert_ldm_kl_state_dict` (e.g. to export a model as ``{'model': ...}``)."""
+def convert_autoencoder_state_dict_to_ldm(
+    state_dict: Mapping[str, Tensor], num_levels: int, extra_names: Mapping[str, str] | None = None
+) -> dict[str, Tensor]:
+    """Inverse of :func:`convert_ldm_autoencoder_state_dict` (diffusers -> original LDM/taming names)."""
     out: dict[str, Tensor] = {}
     for key, tensor in state_dict.items():
-        ldm = _diffusers_key_to_ldm(key, config.num_levels)
+        ldm = _diffusers_key_to_ldm(key, num_levels, extra_names)
         if ldm is None:
             raise CheckpointKeyError(f"no original-layout name for {key}")
         is_attn_linear = tensor.ndim == 2 and re.search(r"\.(to_q|to_k|to_v|to_out\.0)\.weight$", key)
         out[ldm] = tensor[:, :, None, None] if is_attn_linear else tensor  # linear -> 1x1 conv weights
     return out
+
+
+def convert_ldm_kl_state_dict(state_dict: dict[str, Tensor], config: KLAutoencoderConfig) -> dict[str, Tensor]:
+    """Original LDM/MAR layout (``kl16.ckpt``'s ``'model'``) -> ``build_kl_autoencoder(config)`` state_dict.
+
+    Strict: raises :class:`CheckpointKeyError` listing every missing (diffusers name, with its original name),
+    unexpected (original name) or mis-shaped tensor (original name). Values are the input tensors (attention
+    weights as ``[:, :, 0, 0]`` views), not copies.
+    """
+    with torch.device("meta"):
+        reference = build_kl_autoencoder(config).state_dict()
+    return convert_ldm_autoencoder_state_dict(
+        state_dict, reference, config.num_levels, what="the KL autoencoder config"
+    )
+
+
+def convert_kl_state_dict_to_ldm(state_dict: dict[str, Tensor], config: KLAutoencoderConfig) -> dict[str, Tensor]:
+    """Inverse of :func:`convert_ldm_kl_state_dict` (e.g. to export a model as ``{'model': ...}``)."""
+    return convert_autoencoder_state_dict_to_ldm(state_dict, config.num_levels)
 
 
 def load_ldm_kl_checkpoint(path: str | os.PathLike[str], config: KLAutoencoderConfig) -> AutoencoderKL:
@@ -288,3 +340,68 @@ def load_ldm_kl_checkpoint(path: str | os.PathLike[str], config: KLAutoencoderCo
     model = build_kl_autoencoder(config)
     model.load_state_dict(convert_ldm_kl_state_dict(ckpt, config), strict=True)
     return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The KL VAE as an understanding encoder ("vae-kl16"): features = the posterior mode, one token per latent cell.
+class KLFeatureEncoderConfig(KLAutoencoderConfig):
+    """The KL autoencoder's architecture (defaults: MAR's ``kl16``) plus its use as an understanding encoder."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    image_size: PositiveInt = 256
+    scale: float = Field(1.0, gt=0)  # features = posterior mode × scale (Harmon's tokens use 0.2325)
+    image_mean: tuple[float, float, float] = IDENTITY_MEAN_STD
+    image_std: tuple[float, float, float] = IDENTITY_MEAN_STD
+    pretrained: str | None = None  # an original-layout checkpoint (kl16.ckpt), loaded strictly when built
+
+    @model_validator(mode="after")
+    def _image_fits_the_stride(self) -> KLFeatureEncoderConfig:
+        stride = 2 ** (self.num_levels - 1)
+        if self.image_size % stride:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of the VAE stride {stride}")
+        return self
+
+    def autoencoder(self) -> KLAutoencoderConfig:
+        return KLAutoencoderConfig(**self.model_dump(include=set(KLAutoencoderConfig.model_fields)))
+
+
+class KLFeatureEncoder(PixelPreprocessing, nn.Module):
+    """Pixels → the KL VAE's posterior mode × ``scale`` as features ``(B, m·n, embed_dim)`` (m = n =
+    image_size / stride). The whole diffusers ``AutoencoderKL`` is kept (``.vae``), so ``kl16.ckpt`` loads
+    strictly through :func:`load_ldm_kl_checkpoint`."""
+
+    config_class = KLFeatureEncoderConfig
+
+    def __init__(self, config: KLFeatureEncoderConfig | None = None, **kwargs: Any) -> None:
+        super().__init__()
+        config = config if config is not None else KLFeatureEncoderConfig(**kwargs)
+        self.config = config
+        if should_load_pretrained(config.pretrained):
+            self.vae = load_ldm_kl_checkpoint(config.pretrained, config.autoencoder())
+        else:
+            self.vae = build_kl_autoencoder(config.autoencoder())
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.embed_dim
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    @property
+    def image_mean(self) -> tuple[float, float, float]:
+        return self.config.image_mean
+
+    @property
+    def image_std(self) -> tuple[float, float, float]:
+        return self.config.image_std
+
+    def encode(self, pixels: Tensor) -> Tensor:
+        """Preprocessed pixels ``(B, 3, S, S)`` → ``(B, (S/16)², embed_dim)``."""
+        mode = self.vae.encode(pixels.to(module_dtype(self))).latent_dist.mode() * self.config.scale
+        return rearrange(mode, "b c m n -> b (m n) c")
+
+
+ENCODERS.add("vae-kl16", KLFeatureEncoder)

@@ -2,7 +2,8 @@
 
 It holds the generation encoder, the MAR decoder, the diffusion head and the ``proj_in`` / ``proj_out``
 connectors (everything but the LLM, the VAE and the tokenizer, which are standard transformers / diffusers
-components). Its only config entry is the whole :class:`~harmon.configs.HarmonConfig` as a dict, so a saved folder
+components), and, when the config names a decoupled ``understanding_encoder``, that encoder and its
+``understanding_proj_in`` connector (a shared core has neither, so its weights keep the original keys). Its only config entry is the whole :class:`~harmon.configs.HarmonConfig` as a dict, so a saved folder
 rebuilds every registered component by name. Keep this module path stable: diffusers finds the class again from
 ``model_index.json`` as ``harmon.HarmonCore``.
 """
@@ -17,6 +18,7 @@ from diffusers.configuration_utils import register_to_config
 
 from harmon.configs import HarmonConfig
 from harmon.layers import mlp_connector
+from harmon.model import understanding_input_kind
 from harmon.registry import BACKBONES, DECODERS, ENCODERS, HEADS
 
 
@@ -36,6 +38,12 @@ class HarmonCore(ModelMixin, ConfigMixin):
         self.head = config.head.build(HEADS)
         self.proj_in = mlp_connector(self.encoder.embed_dim, hidden, hidden)
         self.proj_out = mlp_connector(hidden, hidden, self.encoder.embed_dim)
+        self.understanding_encoder = None
+        self.understanding_proj_in = None
+        if config.understanding_encoder is not None:
+            self.understanding_encoder = config.understanding_encoder.build(ENCODERS)
+            understanding_input_kind(self.understanding_encoder, config.token_dim)
+            self.understanding_proj_in = mlp_connector(self.understanding_encoder.hidden_size, hidden, hidden)
 
     @property
     def harmon(self) -> HarmonConfig:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, ImagePipe
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from harmon.checkpoints import check_state_dict
+from harmon.encoders.common import fail_fast_for_hub_id, saved_weights_follow
 from harmon.model import GUIDANCE_SCHEDULES, HarmonModel
 from harmon.pipelines.core import HarmonCore
 from harmon.pipelines.image_processing import ImageInput, postprocessor, preprocess_for_understanding
@@ -43,7 +43,8 @@ class HarmonPipeline(DiffusionPipeline):
         tokenizer ([`~transformers.PreTrainedTokenizerBase`]): the LLM's tokenizer (Qwen chat tokens and an
             ``<image>`` placeholder token).
         llm ([`~transformers.PreTrainedModel`]): the causal LLM (``Qwen2ForCausalLM``).
-        harmon ([`HarmonCore`]): MAR encoder, MAR decoder, diffusion head and connectors.
+        harmon ([`HarmonCore`]): MAR encoder, MAR decoder, diffusion head and connectors (and, decoupled, the
+            understanding encoder with its own connector; shared, the MAR encoder serves understanding too).
         vae ([`~diffusers.AutoencoderKL`]): the KL-16 image tokenizer.
         scheduler ([`~diffusers.DDPMScheduler`]): the diffusion head's noise schedule (ADM cosine, learned range).
     """
@@ -75,6 +76,7 @@ class HarmonPipeline(DiffusionPipeline):
             model = HarmonModel(
                 core.harmon, vae=self.vae, encoder=core.encoder, decoder=core.decoder, head=core.head,
                 llm=self.llm, proj_in=core.proj_in, proj_out=core.proj_out,
+                understanding_encoder=core.understanding_encoder, understanding_proj_in=core.understanding_proj_in,
             ).eval()
             cached = (tuple(map(id, parts)), model)
             self.__dict__["_model_view"] = cached
@@ -85,9 +87,12 @@ class HarmonPipeline(DiffusionPipeline):
         cls, model: HarmonModel, tokenizer: PreTrainedTokenizerBase, scheduler: DDPMScheduler | None = None
     ) -> "HarmonPipeline":
         """A pipeline sharing ``model``'s modules (no copy)."""
-        core = HarmonCore(harmon_config=model.config.model_dump(mode="json"))
+        with saved_weights_follow():  # every module of this core is replaced by the model's right below
+            core = HarmonCore(harmon_config=model.config.model_dump(mode="json"))
         core.encoder, core.decoder, core.head = model.encoder, model.decoder, model.head
         core.proj_in, core.proj_out = model.proj_in, model.proj_out
+        core.understanding_encoder = model.understanding_encoder
+        core.understanding_proj_in = model.understanding_proj_in
         _check_tokenizer(tokenizer)
         return cls(
             tokenizer=tokenizer, llm=model.llm, harmon=core, vae=model.vae,
@@ -138,7 +143,8 @@ class HarmonPipeline(DiffusionPipeline):
         attn_implementation = kwargs.pop("attn_implementation", None)
         if "torch_dtype" in kwargs:  # diffusers' older spelling
             kwargs["dtype"] = kwargs.pop("torch_dtype")
-        pipe = super().from_pretrained(str(path), **kwargs)
+        with saved_weights_follow():  # the saved core holds its encoders' weights: no pretrained re-load
+            pipe = super().from_pretrained(str(path), **kwargs)
         if attn_implementation is not None:
             pipe.set_attn_implementation(attn_implementation)
         return pipe
@@ -385,8 +391,9 @@ class HarmonPipeline(DiffusionPipeline):
     ) -> str | list[str]:
         """Answer ``question`` about ``image`` (one of each, or equal-length lists for a batch → a list).
 
-        Images are padded to a square with gray (127, 127, 127) and resized to the model's image size, as the
-        original. Greedy decoding by default; ``do_sample=True`` samples, reproducibly for a given ``seed``.
+        Images are padded to a square with gray (127, 127, 127) and resized, as the original, to the understanding
+        encoder's image size (the model's image size when shared); a decoupled pixel encoder then normalises them
+        with its own mean/std. The number of ``<image>`` placeholders is its number of features. Greedy decoding by default; ``do_sample=True`` samples, reproducibly for a given ``seed``.
         ``min_new_tokens`` forbids stopping earlier.
         """
         batched = isinstance(question, (list, tuple))
@@ -401,7 +408,7 @@ class HarmonPipeline(DiffusionPipeline):
         if do_sample and not temperature > 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
         model = self.model
-        size = model.config.image_size
+        size = model.understanding_image_size
         pixels = preprocess_for_understanding(images, size).to(self._execution_device, model.dtype)
         self._place("harmon", "vae")
         image_embeds = model.image_embeddings(pixels)
@@ -469,7 +476,7 @@ def _check_core_weights(folder: Path) -> None:
         if not path.is_file():
             raise ValueError(f"{folder.parent} is not a complete Harmon pipeline: {path.relative_to(folder.parent)} is missing")
     harmon_config = json.loads(config_path.read_text()).get("harmon_config")
-    with torch.device("meta"):
+    with torch.device("meta"), saved_weights_follow():
         core = HarmonCore(harmon_config=harmon_config)
     with safe_open(str(weights), framework="pt") as handle:
         shapes = {key: torch.empty(handle.get_slice(key).get_shape(), device="meta") for key in handle.keys()}
@@ -477,21 +484,11 @@ def _check_core_weights(folder: Path) -> None:
 
 
 def _fail_for_unreachable_hub_id(name: str) -> None:
-    from huggingface_hub import constants
-
-    hint = (
-        f"{name!r} is not a local folder. To use the original release offline, convert local files: "
-        "`harmon convert --harmon harmon_1.5b.pth --vae kl16.ckpt --llm <Qwen2.5 folder> --preset harmon-1.5b "
-        "--out <folder>` and pass that folder."
+    fail_fast_for_hub_id(
+        name, "pipeline",
+        "To use the original release offline, convert local files: `harmon convert --harmon harmon_1.5b.pth "
+        "--vae kl16.ckpt --llm <Qwen2.5 folder> --preset harmon-1.5b --out <folder>` and pass that folder.",
     )
-    if os.path.exists(name):
-        raise ValueError(f"{name} is a file, not a pipeline folder")
-    if constants.HF_HUB_OFFLINE:
-        raise OSError(hint + " (HF_HUB_OFFLINE is set)")
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=2).close()
-    except OSError:
-        raise OSError(hint + " (the Hugging Face Hub cannot be reached)") from None
 
 
 __all__ = ["HarmonPipeline"]
