@@ -2,7 +2,11 @@
 the interfaces of :mod:`harmon.interfaces`.
 
 * understanding — image → VAE tokens → encoder (nothing masked) → ``proj_in`` → spliced into the prompt at the
-  image placeholder → the LLM answers (``generate``);
+  image placeholder → the LLM answers (``generate``). That is the shared design (one encoder object for both
+  tasks). With a decoupled ``understanding_encoder`` (``config.understanding_encoder``, Janus-like) understanding
+  runs through it and its own ``understanding_proj_in`` instead: a pixel encoder (SigLIP, VQGAN, the KL VAE, a
+  plugin) on its own preprocessing, or a second MAR encoder on this model's VAE tokens
+  (:meth:`HarmonModel.understanding_embeddings`, used by :meth:`image_embeddings` and :meth:`image_to_text_loss`);
 * generation — the masked-autoregressive sampler (:meth:`HarmonModel.generate_tokens`) over the prompt's KV cache;
 * training — :meth:`text_to_image_loss` and :meth:`image_to_text_loss`.
 
@@ -29,6 +33,7 @@ from transformers import DynamicCache
 
 from harmon.checkpoints import load_state_dict_strict
 from harmon.configs import HarmonConfig
+from harmon.encoders.common import saved_weights_follow
 from harmon.encoders.vae import build_kl_autoencoder
 from harmon.interfaces import (
     DiffusionHead,
@@ -37,12 +42,15 @@ from harmon.interfaces import (
     LatentAutoencoder,
     RandomSource,
     TokenDecoder,
+    UnderstandingEncoder,
+    VisualEncoder,
 )
 from harmon.layers import mlp_connector
 from harmon.randomness import as_random_source
-from harmon.registry import BACKBONES, DECODERS, ENCODERS, HEADS, InterfaceError
+from harmon.registry import BACKBONES, DECODERS, ENCODERS, HEADS, InterfaceError, protocol_members
 
 GUIDANCE_SCHEDULES = ("constant", "linear")
+SAMPLERS = ("exact", "plain", "fast")
 
 
 def mask_schedule(seq_len: int, num_steps: int) -> list[int]:
@@ -102,8 +110,33 @@ def _restore_tied_weights(module: nn.Module, state_dict: dict[str, torch.Tensor]
                 state_dict.setdefault(name, state_dict[present[0]])
 
 
+def understanding_input_kind(encoder: VisualEncoder, token_dim: int) -> str:
+    """``"pixels"`` for a pixel understanding encoder (it has ``preprocess``: :class:`UnderstandingEncoder`),
+    ``"tokens"`` for a token encoder reading VAE tokens (MAR: ``buffer_size``, ``token_dim``); anything else, or a
+    token encoder of other token channels, raises naming what is missing."""
+    ENCODERS.check(encoder, "understanding_encoder")
+    name = type(encoder).__qualname__
+    if callable(getattr(encoder, "preprocess", None)):
+        methods, attributes = protocol_members(UnderstandingEncoder)
+        missing = sorted(m for m in methods | attributes if not hasattr(encoder, m))
+        if missing:
+            raise InterfaceError(f"understanding encoder {name} does not implement UnderstandingEncoder: "
+                                 f"missing {', '.join(missing)}")
+        return "pixels"
+    missing = [m for m in ("buffer_size", "token_dim") if not hasattr(encoder, m)]
+    if missing:
+        raise InterfaceError(
+            f"understanding encoder {name} is neither a pixel encoder (UnderstandingEncoder: preprocess, image_size, "
+            f"image_mean, image_std) nor a token encoder (missing {', '.join(missing)})"
+        )
+    if encoder.token_dim != token_dim:
+        raise ValueError(f"understanding encoder {name} reads {encoder.token_dim}-channel tokens, the VAE makes {token_dim}")
+    return "tokens"
+
+
 class HarmonModel(nn.Module):
-    """Harmon: a shared MAR encoder for understanding and generation around a causal LLM."""
+    """Harmon: a shared MAR encoder for understanding and generation around a causal LLM (or, decoupled, a separate
+    understanding encoder)."""
 
     def __init__(
         self,
@@ -116,8 +149,14 @@ class HarmonModel(nn.Module):
         llm: LanguageBackbone,
         proj_in: nn.Module | None = None,
         proj_out: nn.Module | None = None,
+        understanding_encoder: VisualEncoder | None = None,
+        understanding_proj_in: nn.Module | None = None,
     ) -> None:
-        """Compose the components; ``proj_in`` / ``proj_out`` (the connectors) are created when not given."""
+        """Compose the components; ``proj_in`` / ``proj_out`` (the connectors) are created when not given.
+
+        ``understanding_encoder``: ``None`` (or ``encoder`` itself) for the shared design; else the decoupled
+        understanding encoder named by ``config.understanding_encoder``, with ``understanding_proj_in``
+        (Linear·SiLU·Linear from its ``hidden_size`` to the LLM's, created when not given)."""
         super().__init__()
         for registry, component, role in (
             (ENCODERS, encoder, "encoder"),
@@ -138,10 +177,32 @@ class HarmonModel(nn.Module):
         hidden = llm.config.hidden_size
         self.proj_in = proj_in if proj_in is not None else mlp_connector(encoder.embed_dim, hidden, hidden)
         self.proj_out = proj_out if proj_out is not None else mlp_connector(hidden, hidden, encoder.embed_dim)
+        if understanding_encoder is encoder:
+            understanding_encoder = None  # one object for both roles: that is the shared design
+        if (understanding_encoder is None) != (config.understanding_encoder is None):
+            raise ValueError(
+                "config.understanding_encoder and the understanding_encoder given must agree: "
+                f"config says {config.understanding_encoder.name if config.understanding_encoder else 'shared'!r}, "
+                f"got {type(understanding_encoder).__name__ if understanding_encoder is not None else 'none (shared)'}"
+            )
+        if understanding_encoder is None and understanding_proj_in is not None:
+            raise ValueError("understanding_proj_in belongs to a decoupled understanding_encoder; the shared design "
+                             "uses proj_in")
+        # shared: no module of its own (the state dict keeps the original keys); decoupled: encoder + connector
+        self.understanding_encoder = understanding_encoder
+        self.understanding_proj_in = None
+        self._understanding_input = "shared"
+        if understanding_encoder is not None:
+            self._understanding_input = understanding_input_kind(understanding_encoder, config.token_dim)
+            self.understanding_proj_in = (
+                understanding_proj_in if understanding_proj_in is not None
+                else mlp_connector(understanding_encoder.hidden_size, hidden, hidden)
+            )
 
     @classmethod
     def from_config(cls, config: HarmonConfig) -> "HarmonModel":
         """A randomly initialised model with every component built through its registry."""
+        understanding = config.understanding_encoder
         return cls(
             config,
             vae=build_kl_autoencoder(config.vae),
@@ -149,6 +210,7 @@ class HarmonModel(nn.Module):
             decoder=config.decoder.build(DECODERS),
             head=config.head.build(HEADS),
             llm=config.backbone.build(BACKBONES),
+            understanding_encoder=understanding.build(ENCODERS) if understanding is not None else None,
         ).eval()
 
     # -------------------------------------------------------------------------------------------- save / load
@@ -171,7 +233,8 @@ class HarmonModel(nn.Module):
         for path in (config_path, weights_path):
             if not path.is_file():
                 raise FileNotFoundError(f"{folder} is not a saved HarmonModel: {path.name} is missing")
-        model = cls.from_config(HarmonConfig.model_validate_json(config_path.read_text()))
+        with saved_weights_follow():  # components' own pretrained weights are in the file: skip loading them
+            model = cls.from_config(HarmonConfig.model_validate_json(config_path.read_text()))
         state_dict = load_file(str(weights_path))
         _restore_tied_weights(model, state_dict)
         load_state_dict_strict(model, state_dict, str(weights_path))
@@ -189,6 +252,31 @@ class HarmonModel(nn.Module):
     @property
     def buffer_size(self) -> int:
         return self.encoder.buffer_size
+
+    @property
+    def shared_encoder(self) -> bool:
+        """True when one encoder object serves both understanding and generation (the paper's design)."""
+        return self.understanding_encoder is None
+
+    def understanding_modules(self) -> tuple[nn.Module, nn.Module]:
+        """``(encoder, connector)`` of the understanding path: ``(self.encoder, self.proj_in)`` — the very
+        generation modules — when shared, else ``(understanding_encoder, understanding_proj_in)``."""
+        if self.understanding_encoder is None:
+            return self.encoder, self.proj_in
+        return self.understanding_encoder, self.understanding_proj_in
+
+    @property
+    def understanding_reads_pixels(self) -> bool:
+        """Whether understanding needs pixels (a pixel encoder) rather than this model's VAE tokens."""
+        return self._understanding_input == "pixels"
+
+    @property
+    def understanding_image_size(self) -> int:
+        """Square side understanding images are resized to: the understanding encoder's ``image_size`` for a pixel
+        encoder, else the model's ``image_size``."""
+        if self.understanding_reads_pixels:
+            return int(self.understanding_encoder.image_size)
+        return self.config.image_size
 
     def latent_grid(self, height: int, width: int) -> tuple[int, int]:
         """Token grid ``(m, n)`` of an image of ``height × width`` pixels."""
@@ -316,6 +404,9 @@ class HarmonModel(nn.Module):
         random_source: RandomSource | None = None,
         progress: Callable[[Iterable[int]], Iterable[int]] | None = None,
         callback: Callable[[int, int, torch.Tensor], None] | None = None,
+        sampler: str = "exact",
+        head_steps: int | None = None,
+        compile_head: bool = False,
     ) -> torch.Tensor:
         """Masked-autoregressive sampling of latent tokens.
 
@@ -323,6 +414,13 @@ class HarmonModel(nn.Module):
         ``R = 2B`` (``[cond; uncond]``) when ``guidance_scale`` ≠ 1. Returns the conditional rows' tokens
         ``(B, m, n, C)``. Randomness (generation orders, every noise draw) comes from ``random_source``, by
         default built on ``generator``. ``callback(step, num_steps, tokens)`` runs after each step.
+
+        ``sampler``: ``"exact"`` (default) runs the head's fused sampling loop (``head.prepare_sampler``: same
+        draws in the same order, same samples as ``"plain"`` to float round-off, several times faster);
+        ``"plain"`` the straightforward ``head.sample`` loop (kept to re-measure against); ``"fast"`` the fused
+        loop on the head's schedule respaced to ``head_steps`` denoising steps (default: a quarter of the head's),
+        coupled to the exact sampler's draws (its quality cost is in ``docs/performance.md``). ``compile_head``
+        wraps the fused loop's step in ``torch.compile`` (CUDA graphs on CUDA; untested there).
         """
         m, n = image_shape
         seq_len = m * n
@@ -338,6 +436,7 @@ class HarmonModel(nn.Module):
         if isinstance(generator, (list, tuple)) and len(generator) != images:
             raise ValueError(f"generator: got a list of {len(generator)} generators for {images} images")
         source = as_random_source(generator, random_source)
+        head_sample = self._head_sampler(sampler, head_steps, compile_head)
         device, dtype = self.device, self.dtype
         input_ids = input_ids.to(device)
         attention_mask = attention_mask.to(device)
@@ -372,7 +471,7 @@ class HarmonModel(nn.Module):
             else:
                 scale = guidance_scale
             if to_predict.any():
-                sampled = self.head.sample(
+                sampled = head_sample(
                     z[to_predict], temperature=temperature, guidance_scale=scale, random_source=source,
                     row_groups=rows,
                 )
@@ -381,15 +480,62 @@ class HarmonModel(nn.Module):
                 callback(step, num_steps, tokens[:images].view(images, m, n, -1))
         return tokens[:images].view(images, m, n, -1)
 
+    def _head_sampler(self, sampler: str, head_steps: int | None, compile_head: bool) -> Callable[..., torch.Tensor]:
+        """The head's sampling function for one :meth:`generate_tokens` call (``head.sample``'s contract)."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if head_steps is not None and sampler != "fast":
+            raise ValueError(f"head_steps applies to sampler='fast' only (got sampler={sampler!r})")
+        if sampler == "plain":
+            return self.head.sample
+        prepare = getattr(self.head, "prepare_sampler", None)
+        if prepare is None:
+            if sampler == "fast":
+                raise ValueError(f"sampler='fast' needs a head with prepare_sampler; {type(self.head).__name__} has none")
+            return self.head.sample  # a head without a fused loop: its own sample() is its exact sampler
+        return prepare(num_steps=head_steps, fast=sampler == "fast", compile=compile_head)
+
     @torch.no_grad()
     def generate_images(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
         """:meth:`generate_tokens` then VAE decoding: pixels ``(B, 3, H, W)``."""
         return self.decode_tokens(self.generate_tokens(input_ids, attention_mask, **kwargs))
 
     # ---------------------------------------------------------------------------------------- understanding
+    def understanding_embeddings(
+        self, pixels: torch.Tensor | None = None, *, tokens: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The understanding path, ``(B, N, H)`` LLM-side visual embeddings, from pixels ``(B, 3, H, W)`` in
+        [-1, 1] or, for a path that reads VAE tokens, tokens ``(B, m, n, C)`` from :meth:`encode_image`.
+
+        * shared: tokens → ``encoder`` (nothing masked) → ``proj_in``, buffer moved to the end (N = m·n + K);
+        * decoupled token encoder (MAR): the same on its own encoder and ``understanding_proj_in``;
+        * decoupled pixel encoder: ``preprocess`` (its size, mean/std) → ``encode`` → ``understanding_proj_in``
+          (N = its number of features); ``tokens`` cannot stand in for pixels there.
+        """
+        encoder = self.understanding_encoder
+        if not self.understanding_reads_pixels:
+            if tokens is None:
+                if pixels is None:
+                    raise ValueError("understanding needs pixels (or the VAE tokens of encode_image)")
+                tokens = self.encode_image(pixels)
+            if encoder is None:
+                return self.visual_features(tokens)[1]
+            x_enc = encoder.encode(tokens.to(self.dtype))  # (B, K + m·n, D), buffer first
+            z_enc = self.understanding_proj_in(x_enc)
+            k = encoder.buffer_size
+            return torch.cat([z_enc[:, k:], z_enc[:, :k]], dim=1)
+        if pixels is None:
+            raise ValueError(
+                f"the understanding encoder ({self.config.understanding_encoder.name}) reads pixels: pass pixels, "
+                "VAE tokens cannot stand in for them"
+            )
+        features = encoder.encode(encoder.preprocess(pixels.to(self.device)))
+        return self.understanding_proj_in(features.to(self.dtype))
+
     def image_embeddings(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels ``(B, 3, H, W)`` → the LLM-side visual embeddings ``(B, m·n + K, H)``."""
-        return self.visual_features(self.encode_image(pixels))[1]
+        """Pixels ``(B, 3, H, W)`` → the LLM-side visual embeddings ``(B, N, H)`` of the understanding path
+        (shared: N = m·n + K)."""
+        return self.understanding_embeddings(pixels)
 
     def splice_image_embeddings(
         self, input_ids: torch.Tensor, image_embeds: torch.Tensor, image_token_id: int
@@ -464,15 +610,21 @@ class HarmonModel(nn.Module):
 
     def image_to_text_loss(
         self,
-        tokens: torch.Tensor,
+        tokens: torch.Tensor | None,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         labels: torch.Tensor,
         image_token_id: int,
+        *,
+        pixels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Next-token cross-entropy on the answer tokens (``labels`` ≥ 0; -100 elsewhere) given the image tokens;
-        the visual features' gradient is scaled by ``config.visual_grad_scale``."""
-        _, z_enc = self.visual_features(tokens)
+        """Next-token cross-entropy on the answer tokens (``labels`` ≥ 0; -100 elsewhere) given the image, through
+        the understanding path (:meth:`understanding_embeddings`); the visual features' gradient is scaled by
+        ``config.visual_grad_scale``.
+
+        The image comes as VAE ``tokens`` (from :meth:`encode_image`) and/or ``pixels`` in [-1, 1]: each path
+        reads what it needs (a decoupled pixel encoder needs ``pixels``; passing both always works)."""
+        z_enc = self.understanding_embeddings(pixels, tokens=tokens)
         z_enc = scale_gradient(z_enc, self.config.visual_grad_scale)
         inputs_embeds = self.splice_image_embeddings(input_ids, z_enc, image_token_id)
         hidden = self.llm_hidden_states(inputs_embeds, attention_mask.to(self.device)).last_hidden_state[:, :-1]

@@ -1,0 +1,210 @@
+"""The exact (fused) and fast samplers against the plain one, on the tiny preset, and the benchmark's smoke run.
+
+Tolerances: random tiny weights give tokens of ~1e4 (the untrained head's ε makes x₀ = x/√ᾱ − … large), and
+the exact sampler differs from the plain one by float32 round-off only (matrix products of other shapes,
+re-associated scalar algebra): measured relative differences are ~1e-7, asserted below 1e-5.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from harmon.heads.diffusion import RespacedGaussianDiffusion, _noise_coupling, adm_cosine_scheduler
+from harmon.randomness import GeneratorRandomSource, ReplayRandomSource
+from harmon.testing import tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT_A = [1, 10, 11, 12, 13, 2, 1, 5]
+PROMPT_B = [1, 20, 21, 2, 1, 5]
+UNCOND = [1, 30, 31, 2, 1, 5, 6]
+ROUND_OFF = 1e-5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny tensors gain nothing from intra-op threads, and on a shared machine whose cores are busy an OpenMP
+    # barrier waiting for a descheduled thread turned this module's 3 s into 80 s; the setting is restored after
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(seed=0)
+
+
+def prompt_rows(cond: list[list[int]], uncond: list[int] | None, pad_id: int = 2):
+    rows = cond + ([uncond] * len(cond) if uncond is not None else [])
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+def generate(model, seed=0, prompts=(PROMPT_A,), guidance=3.0, per_image=False, random_source=None, **kwargs):
+    ids, mask = prompt_rows([list(p) for p in prompts], UNCOND if guidance != 1.0 else None)
+    kwargs.setdefault("image_shape", (4, 4))
+    kwargs.setdefault("num_steps", 4)
+    if random_source is None:
+        if per_image:
+            kwargs["generator"] = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+        else:
+            kwargs["generator"] = torch.Generator().manual_seed(seed)
+    return model.generate_tokens(ids, mask, guidance_scale=guidance, random_source=random_source, **kwargs)
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+class RecordingSource(GeneratorRandomSource):
+    """A generator source that records every draw's request and value (to replay it, or compare orders)."""
+
+    def __init__(self, generator):
+        super().__init__(generator)
+        self.requests, self.draws, self.order_draws = [], [], []
+
+    def orders(self, batch, seq_len, device):
+        out = super().orders(batch, seq_len, device)
+        self.order_draws.append(out.clone())
+        return out
+
+    def randn(self, shape, device, dtype, groups=1):
+        out = super().randn(shape, device, dtype, groups)
+        self.requests.append((tuple(shape), groups))
+        self.draws.append(out.clone())
+        return out
+
+
+# ------------------------------------------------------------------------------------------ exact == plain
+CASES = {
+    "cfg-constant": dict(),
+    "cfg-linear": dict(guidance_schedule="linear", temperature=0.9),
+    "no-cfg": dict(guidance=1.0),
+    "generator-list": dict(prompts=(PROMPT_A, PROMPT_B), per_image=True),
+    "non-square": dict(image_shape=(2, 5), num_steps=3, guidance_schedule="linear"),
+    "one-token-per-step": dict(num_steps=16, temperature=1.1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_exact_sampler_equals_plain_to_round_off(model, case):
+    kwargs = CASES[case]
+    plain = generate(model, seed=7, sampler="plain", **kwargs)
+    exact = generate(model, seed=7, sampler="exact", **kwargs)
+    assert exact.shape == plain.shape
+    assert relative_difference(exact, plain) < ROUND_OFF
+    torch.testing.assert_close(exact, plain, rtol=ROUND_OFF, atol=ROUND_OFF * float(plain.abs().max()))
+
+
+def test_exact_is_the_default_sampler(model):
+    assert torch.equal(generate(model, seed=3), generate(model, seed=3, sampler="exact"))
+
+
+def test_exact_sampler_makes_the_same_draws_in_the_same_order(model):
+    sources = {}
+    for sampler in ("plain", "exact", "fast"):
+        sources[sampler] = RecordingSource(torch.Generator().manual_seed(11))
+        generate(model, random_source=sources[sampler], sampler=sampler, guidance_schedule="linear")
+    assert sources["exact"].requests == sources["plain"].requests
+    # fast draws as many step noises as exact, so the random stream stays aligned with it
+    assert sources["fast"].requests == sources["plain"].requests
+    for a, b in zip(sources["exact"].draws, sources["plain"].draws):
+        assert torch.equal(a, b)
+
+
+def test_exact_sampler_replays_a_recorded_plain_run(model):
+    recorder = RecordingSource(torch.Generator().manual_seed(5))
+    plain = generate(model, random_source=recorder, sampler="plain", guidance_schedule="linear")
+    replay = ReplayRandomSource(recorder.order_draws[0], recorder.draws)
+    exact = generate(model, random_source=replay, sampler="exact", guidance_schedule="linear")
+    assert replay.exhausted
+    assert relative_difference(exact, plain) < ROUND_OFF
+
+
+def test_head_sampler_equals_head_sample(model):
+    head = model.head
+    fused = head.prepare_sampler()
+    c = torch.randn(6, head.config.cond_dim, generator=torch.Generator().manual_seed(0))
+    for scale in (1.0, 2.5, torch.tensor([1.7])):
+        groups = 1 if isinstance(scale, float) and scale == 1.0 else 2
+        plain = head.sample(c, 0.8, scale, GeneratorRandomSource(torch.Generator().manual_seed(1)), groups)
+        for _ in range(2):  # a sampler is reusable: no state carried between calls
+            out = fused(c, 0.8, scale, GeneratorRandomSource(torch.Generator().manual_seed(1)), groups)
+            assert relative_difference(out, plain) < ROUND_OFF
+
+
+def test_modulations_in_chunks_equal_one_chunk(model):
+    c = torch.randn(4, model.head.config.cond_dim, generator=torch.Generator().manual_seed(0))
+    whole = model.head.prepare_sampler()
+    one_step_chunks = model.head.prepare_sampler(chunk_bytes=1)
+    draws = lambda: GeneratorRandomSource(torch.Generator().manual_seed(2))  # noqa: E731
+    assert torch.allclose(whole(c, 1.0, 3.0, draws(), 2), one_step_chunks(c, 1.0, 3.0, draws(), 2), rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------- fast
+def test_fast_sampler_is_deterministic_per_seed_and_close_to_exact(model):
+    a = generate(model, seed=1, sampler="fast")
+    b = generate(model, seed=1, sampler="fast")
+    exact = generate(model, seed=1, sampler="exact")
+    other_seed = generate(model, seed=2, sampler="exact")
+    assert torch.equal(a, b)
+    assert a.shape == exact.shape
+    assert not torch.allclose(a, exact)
+    # coupled to the exact sampler's draws: far closer to the exact sample of the same seed than another sample is
+    assert relative_difference(a, exact) < 0.1 * relative_difference(other_seed, exact)
+
+
+def test_fast_sampler_head_steps_and_errors(model):
+    configured = model.head.sample_diffusion.num_timesteps
+    assert model.head.prepare_sampler(fast=True).num_steps == configured // 4
+    assert generate(model, seed=1, sampler="fast", head_steps=5).shape == (1, 4, 4, model.config.token_dim)
+    with pytest.raises(ValueError, match="num_steps"):
+        generate(model, sampler="fast", head_steps=configured + 1)
+    with pytest.raises(ValueError, match="head_steps"):
+        generate(model, sampler="exact", head_steps=5)
+    with pytest.raises(ValueError, match="sampler"):
+        generate(model, sampler="turbo")
+
+
+def test_noise_coupling_gives_standard_normal_independent_noises():
+    scheduler = adm_cosine_scheduler()
+    fine = RespacedGaussianDiffusion(scheduler, 100)
+    for steps in (50, 25, 10, 1):
+        coarse = RespacedGaussianDiffusion(adm_cosine_scheduler(), steps)
+        weights = _noise_coupling(fine, coarse)
+        assert weights.shape == (steps, 100)
+        assert np.allclose(weights[0], 0.0)
+        # unit rows (standard normal noise), disjoint supports (independent across steps)
+        assert np.allclose(np.linalg.norm(weights[1:], axis=1), 1.0)
+        assert np.all((weights != 0).sum(axis=0) <= 1)
+
+
+# --------------------------------------------------------------------------------------------- benchmark
+def test_benchmark_quick_run_writes_json(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_generate", REPO / "benchmarks" / "bench_generate.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = bench.main(["--quick", "--quality", "--out", str(tmp_path)])
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert any(name.endswith(".json") for name in files) and any(name.endswith(".md") for name in files)
+    stored = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert stored["device"] == report["device"]
+    modes = stored["cases"][0]["modes"]
+    assert set(modes) == {"plain", "exact", "fast"}
+    for result in modes.values():
+        assert result["tokens_s"] > 0 and result["speedup_tokens"] > 0
+        assert set(result["phases_s"]) == set(bench.PHASES)
+    rows = stored["quality"][0]["rows"]
+    assert rows["plain, same seed"]["latent_rel_mse"] < 1e-9
