@@ -1,0 +1,59 @@
+"""experiments/toy_reproduction.py --smoke end to end: every artefact, with sane values."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("pytorch_grad_cam", reason="the experiments extra (grad-cam) is not installed")
+pytest.importorskip("sklearn", reason="the experiments extra (scikit-learn) is not installed")
+pytest.importorskip("matplotlib", reason="the experiments extra (matplotlib) is not installed")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ lives at the repository root
+
+from PIL import Image  # noqa: E402
+
+from experiments import toy_reproduction  # noqa: E402
+from experiments.common import read_csv, torch_threads  # noqa: E402
+from experiments.gradcam import HEADER  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """These models are tiny: one torch thread is about as fast on an idle machine and several times faster on a
+    busy one (a second thread spin-waits); the caller's setting is restored after each test."""
+    with torch_threads(1):
+        yield
+
+
+def test_toy_reproduction_smoke(tmp_path):
+    out = toy_reproduction.main(["--smoke", "--output-dir", str(tmp_path), "--no-progress"])
+    encoders = list(toy_reproduction.ENCODER_ORDER)
+
+    runs = read_csv(tmp_path / "runs.csv")
+    assert list(runs[0]) == ["seed", "encoder", "feature_dim", "top1", "top5", "train_top1"]
+    assert sorted((int(r["seed"]), r["encoder"]) for r in runs) == sorted((s, e) for s in (0, 1) for e in encoders)
+    for row in runs:
+        assert 0.0 <= float(row["top1"]) <= float(row["top5"]) <= 1.0
+
+    summary = read_csv(tmp_path / "summary.csv")
+    assert list(summary[0]) == ["encoder", "feature_dim", "seeds", "top1_mean", "top1_std", "top5_mean", "top5_std",
+                                "features"]
+    assert [r["encoder"] for r in summary] == encoders
+    for row in summary:
+        assert int(row["seeds"]) == 2
+        assert 0.0 <= float(row["top1_mean"]) <= 1.0 and float(row["top1_std"]) >= 0.0
+
+    training = read_csv(tmp_path / "training.csv")
+    assert [int(r["seed"]) for r in training] == [0, 1]
+    assert all(0 < int(r["vq_codes_used_val"]) <= int(r["codebook_size"]) for r in training)
+
+    text = (tmp_path / "summary.md").read_text()
+    assert "±" in text and "| encoder |" in text and "Ranking by top-1" in text
+
+    with Image.open(tmp_path / "gradcam.png") as grid:  # 4 digits x (image + 4 encoders), 64-px cells
+        assert grid.size == (64 * 5, HEADER + 64 * 4)
+    with Image.open(tmp_path / "probe_accuracy.png") as plot:
+        assert plot.size == (600, 320)
+    assert (tmp_path / "config.json").is_file() and out["seconds"] > 0
