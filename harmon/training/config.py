@@ -67,6 +67,11 @@ class ModelSource(_Strict):
     )
     llm_weights: Path | None = Field(None, description="Qwen folder whose weights initialise `llm` (preset only)")
     vae_checkpoint: Path | None = Field(None, description="MAR's kl16.ckpt for the VAE (preset only)")
+    config_overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="HarmonConfig fields set over the preset (preset only), e.g. a decoupled understanding encoder: "
+        "{understanding_encoder: {name: siglip-base-patch16-256, config: {pretrained: <folder>}}}",
+    )
     image_token: str = "<image>"
 
     @model_validator(mode="after")
@@ -82,6 +87,10 @@ class ModelSource(_Strict):
                 raise ValueError(f"model.preset: unknown preset {self.preset!r}; known: {', '.join(sorted(PRESETS))}")
             if self.preset != "tiny" and self.tokenizer is None:
                 raise ValueError(f"model.tokenizer: a tokenizer folder is needed for preset {self.preset!r}")
+            if self.config_overrides:
+                self.harmon_config()  # a bad or ill-fitting field fails here, at load time
+        elif self.config_overrides:
+            raise ValueError("model.config_overrides only apply to a model.preset (a pretrained folder keeps its config)")
         if _check_files(info):
             for field in ("pretrained", "tokenizer", "llm_weights"):
                 path = getattr(self, field)
@@ -90,6 +99,15 @@ class ModelSource(_Strict):
             if self.vae_checkpoint is not None and not self.vae_checkpoint.is_file():
                 raise ValueError(f"model.vae_checkpoint: file not found: {self.vae_checkpoint}")
         return self
+
+    def harmon_config(self):
+        """The :class:`~harmon.configs.HarmonConfig` of a ``preset`` source, ``config_overrides`` applied."""
+        from harmon.configs import HarmonConfig
+
+        try:
+            return HarmonConfig.from_preset(self.preset, **self.config_overrides)
+        except (ValueError, TypeError, KeyError) as error:  # pydantic's ValidationError is a ValueError; an
+            raise ValueError(f"model.config_overrides: {error}") from error  # unknown component a KeyError
 
 
 # ------------------------------------------------------------------------------------------------------- data

@@ -12,7 +12,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from harmon.configs import HarmonConfig
 from harmon.model import HarmonModel
 from harmon.training.config import MODULE_NAMES, ModelSource, TrainConfig
 
@@ -46,7 +45,7 @@ def build_model(source: ModelSource) -> HarmonModel:
     """A model from a preset (random init; ``llm_weights`` / ``vae_checkpoint`` loaded when given) or a folder."""
     if source.pretrained is not None:
         return HarmonModel.from_pretrained(source.pretrained)
-    model = HarmonModel.from_config(HarmonConfig.from_preset(source.preset))
+    model = HarmonModel.from_config(source.harmon_config())  # the preset, config_overrides applied
     if source.llm_weights is not None:
         from transformers import AutoModelForCausalLM
 

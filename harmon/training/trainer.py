@@ -20,6 +20,7 @@ import signal
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,11 +114,23 @@ class Trainer:
     ``resume``: ``None`` (fresh run), ``"latest"`` (the newest checkpoint under ``output_dir/checkpoints``; an
     error if there is none), ``"auto"`` (the newest if any, else a fresh run) or a checkpoint folder.
     ``stop_after``: stop (with a checkpoint) after this optimizer step, as a pre-empted job would.
+    ``callbacks``: callables ``callback(trainer, record)`` run on every process after each optimizer step's
+    record (``record["step"]`` is the step just taken), before that step's checkpoint — e.g. a periodic
+    evaluation. A callback that uses the model must leave it in training mode and must not draw from the global
+    random streams (wrap such code in ``torch.random.fork_rng``), so that the run stays what it would be without it.
     """
 
-    def __init__(self, config: TrainConfig, *, resume: str | Path | None = None, stop_after: int | None = None):
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        resume: str | Path | None = None,
+        stop_after: int | None = None,
+        callbacks: Sequence[Callable[["Trainer", dict[str, Any]], None]] = (),
+    ):
         self.config = config
         self.stop_after = stop_after
+        self.callbacks = list(callbacks)
         self.output_dir = Path(config.output_dir)
         training = config.training
         self.accelerator = Accelerator(
@@ -334,6 +347,8 @@ class Trainer:
                 if self.step % training.log_every == 0 or self.step == target:
                     self._log(interval, started)
                     interval.clear()
+                for callback in self.callbacks:
+                    callback(self, record)
                 stop = self.step >= target or stop_requested.agreed(accelerator)
                 if self.step % training.checkpoint_every == 0 or stop:
                     last_checkpoint = self.save_checkpoint()
@@ -455,9 +470,15 @@ class _StopFlag:
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
-def train(config: TrainConfig, *, resume: str | Path | None = None, stop_after: int | None = None) -> TrainResult:
+def train(
+    config: TrainConfig,
+    *,
+    resume: str | Path | None = None,
+    stop_after: int | None = None,
+    callbacks: Sequence[Callable[[Trainer, dict[str, Any]], None]] = (),
+) -> TrainResult:
     """Build a :class:`Trainer` for ``config`` and run it."""
-    return Trainer(config, resume=resume, stop_after=stop_after).train()
+    return Trainer(config, resume=resume, stop_after=stop_after, callbacks=callbacks).train()
 
 
 __all__ = ["Trainer", "TrainResult", "train", "resolve_mixed_precision", "resolve_trackers"]
