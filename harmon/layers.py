@@ -7,8 +7,31 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, model_validator
 from timm.models.vision_transformer import Block
 from torch import nn
+
+
+class MARStackConfig(BaseModel):
+    """Fields shared by the MAR encoder and decoder: a ViT stack with buffer slots and a learned grid embedding."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    embed_dim: PositiveInt = 768
+    depth: PositiveInt = 12
+    num_heads: PositiveInt = 12
+    mlp_ratio: float = Field(4.0, gt=0)
+    buffer_size: NonNegativeInt = 64
+    base_grid: tuple[PositiveInt, PositiveInt] = (16, 16)
+    attn_dropout: float = Field(0.1, ge=0, lt=1)
+    proj_dropout: float = Field(0.1, ge=0, lt=1)
+    norm_eps: float = Field(1e-6, gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self):
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})")
+        return self
 
 
 def vit_blocks(

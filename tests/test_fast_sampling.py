@@ -163,7 +163,9 @@ def test_fast_sampler_is_deterministic_per_seed_and_close_to_exact(model):
     assert a.shape == exact.shape
     assert not torch.allclose(a, exact)
     # coupled to the exact sampler's draws: far closer to the exact sample of the same seed than another sample is
-    assert relative_difference(a, exact) < 0.1 * relative_difference(other_seed, exact)
+    # (measured on this random tiny model: 3e-4 against 1.4 for another seed)
+    assert relative_difference(a, exact) < 1e-2
+    assert relative_difference(a, exact) < 0.01 * relative_difference(other_seed, exact)
 
 
 def test_fast_sampler_head_steps_and_errors(model):
@@ -176,6 +178,14 @@ def test_fast_sampler_head_steps_and_errors(model):
         generate(model, sampler="exact", head_steps=5)
     with pytest.raises(ValueError, match="sampler"):
         generate(model, sampler="turbo")
+
+
+def test_a_head_without_a_fused_sampler_falls_back_to_its_own_sample(model, monkeypatch):
+    plain = generate(model, seed=4, sampler="plain")
+    monkeypatch.setattr(model.head, "prepare_sampler", None, raising=False)
+    assert torch.equal(generate(model, seed=4, sampler="exact"), plain)
+    with pytest.raises(ValueError, match="prepare_sampler"):
+        generate(model, seed=4, sampler="fast")
 
 
 def test_noise_coupling_gives_standard_normal_independent_noises():

@@ -248,8 +248,9 @@ def test_hub_id_offline_fails_fast_with_a_conversion_hint(monkeypatch):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hub_id = "wusize/harmon-1.5b"  # offline here: must fail fast, never download
     with pytest.raises(OSError, match="harmon convert"):
-        HarmonPipeline.from_pretrained("wusize/harmon-1.5b")
+        HarmonPipeline.from_pretrained(hub_id)
 
 
 @pytest.mark.parametrize("change", ["missing", "unexpected", "misshaped"])

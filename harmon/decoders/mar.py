@@ -8,32 +8,18 @@ LayerNorm → buffer dropped → + ``diffusion_pos_embed`` → ``(B, m·n, D')``
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, model_validator
+from pydantic import PositiveInt
 from torch import nn
 
-from harmon.layers import grid_position_embedding, init_mar_weights, masked_row_count, vit_blocks
+from harmon.layers import MARStackConfig, grid_position_embedding, init_mar_weights, masked_row_count, vit_blocks
 from harmon.registry import DECODERS
 
 
-class MARDecoderConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class MARDecoderConfig(MARStackConfig):
+    """The MAR decoder: a ViT stack over ``encoder_dim``-wide encoder features."""
 
     encoder_dim: PositiveInt = 768
-    embed_dim: PositiveInt = 768
-    depth: PositiveInt = 12
-    num_heads: PositiveInt = 12
-    mlp_ratio: float = Field(4.0, gt=0)
-    buffer_size: NonNegativeInt = 64
-    base_grid: tuple[PositiveInt, PositiveInt] = (16, 16)
-    attn_dropout: float = Field(0.1, ge=0, lt=1)
-    proj_dropout: float = Field(0.1, ge=0, lt=1)
-    norm_eps: float = Field(1e-6, gt=0)
 
-    @model_validator(mode="after")
-    def _heads_divide_width(self) -> "MARDecoderConfig":
-        if self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})")
-        return self
 
 
 MAR_DECODER_PRESETS: dict[str, dict] = {
