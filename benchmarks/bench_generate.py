@@ -260,19 +260,29 @@ def bench_case(model, name, size, batch, modes, args, device) -> dict:
     for mode in modes:  # warm-up
         for _ in range(args.warmup):
             run_once(model, ids, mask, mode=mode, seed=0, **common)
+    memories: dict[str, dict] = {}
     for repeat in range(args.repeats):
         for mode in modes:
-            tokens_s, vae_s, *_ = run_once(model, ids, mask, mode=mode, seed=repeat, **common)
+            if not args.phases and repeat == 0:  # no instrumented run: peak memory from the first timed one
+                with peak_memory(device) as memory:
+                    tokens_s, vae_s, *_ = run_once(model, ids, mask, mode=mode, seed=repeat, **common)
+                memories[mode] = memory
+            else:
+                tokens_s, vae_s, *_ = run_once(model, ids, mask, mode=mode, seed=repeat, **common)
             samples[mode]["tokens"].append(tokens_s)
             samples[mode]["vae"].append(vae_s)
             print(f"  {name} {size}² b{batch} {mode:>8}: tokens {tokens_s:8.3f} s  vae {vae_s:6.3f} s", flush=True)
     out = {}
     for mode in modes:
-        timer = PhaseTimer(model, device)
-        with peak_memory(device) as memory, timer:
-            tokens_s, vae_s, *_ = run_once(model, ids, mask, mode=mode, seed=0, **common)
-        phases = dict(timer.seconds)
-        phases["rest"] = max(0.0, tokens_s + vae_s - sum(phases.values()))
+        if args.phases:
+            timer = PhaseTimer(model, device)
+            with peak_memory(device) as memory, timer:
+                tokens_s, vae_s, *_ = run_once(model, ids, mask, mode=mode, seed=0, **common)
+            phases = dict(timer.seconds)
+            phases["rest"] = max(0.0, tokens_s + vae_s - sum(phases.values()))
+            phases = {p: phases.get(p, 0.0) for p in PHASES}
+        else:
+            memory, phases = memories[mode], None
         tokens = statistics.median(samples[mode]["tokens"])
         vae = statistics.median(samples[mode]["vae"])
         total = statistics.median([t + v for t, v in zip(samples[mode]["tokens"], samples[mode]["vae"])])
@@ -281,7 +291,7 @@ def bench_case(model, name, size, batch, modes, args, device) -> dict:
             tokens_s=tokens, vae_s=vae, total_s=total, images_per_s=batch / total,
             tokens_min_s=min(samples[mode]["tokens"]),
             tokens_runs_s=samples[mode]["tokens"], vae_runs_s=samples[mode]["vae"],
-            phases_s={p: phases.get(p, 0.0) for p in PHASES}, peak_memory_mb=memory["peak_mb"],
+            phases_s=phases, peak_memory_mb=memory["peak_mb"],
             peak_memory_kind=memory["kind"],
         )
     if "plain" in out:
@@ -355,7 +365,8 @@ def markdown(report: dict) -> str:
         f"torch {report['torch']}, {report['dtype']}, MAR steps {report['args']['num_steps']}, "
         f"CFG {report['args']['guidance']} (constant), median of {report['args']['repeats']} runs after "
         f"{report['args']['warmup']} warm-up run(s), modes interleaved. Random weights, random prompt ids. "
-        "Speed-up = plain time / mode time, same run. Phases from one extra instrumented run.",
+        "Speed-up = plain time / mode time, same run. Phases from one extra instrumented run "
+        "(– : not run, `--no-phases`).",
         "",
         "| config | size | batch | mode | head steps | tokens s | VAE s | total s | img/s | × plain (tokens) "
         "| × plain (total) | prefill | encoder | LLM | decoder | head | peak MB |",
@@ -363,12 +374,13 @@ def markdown(report: dict) -> str:
     ]
     for case in report["cases"]:
         for mode, r in case["modes"].items():
-            p = r["phases_s"]
+            p = r["phases_s"] or {}
+            phase = {k: f"{p[k]:.3f}" if k in p else "–" for k in PHASES}
             lines.append(
                 f"| {case['config']} | {case['size']}² | {case['batch']} | {mode} | {r['head_steps']} "
                 f"| {r['tokens_s']:.3f} | {r['vae_s']:.3f} | {r['total_s']:.3f} | {r['images_per_s']:.3f} "
                 f"| {r.get('speedup_tokens', float('nan')):.2f} | {r.get('speedup_total', float('nan')):.2f} "
-                f"| {p['prefill']:.3f} | {p['encoder']:.3f} | {p['llm']:.3f} | {p['decoder']:.3f} | {p['head']:.3f} "
+                f"| {phase['prefill']} | {phase['encoder']} | {phase['llm']} | {phase['decoder']} | {phase['head']} "
                 f"| {r['peak_memory_mb']:.0f} |"
             )
     if report.get("quality"):
@@ -411,6 +423,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quality", action="store_true", help="measure the fast modes' cost (mid config, 256²)")
     parser.add_argument("--quality-config", default="mid", choices=sorted(CONFIGS))
     parser.add_argument("--quality-prompts", type=int, default=4)
+    parser.add_argument("--no-phases", dest="phases", action="store_false",
+                        help="skip the instrumented per-phase run (long cases); peak memory from the first timed run")
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny, 64², batch 1, 1 run, fast modes")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     parser.add_argument("--tag", default="", help="suffix of the result file names")

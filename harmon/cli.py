@@ -98,6 +98,7 @@ def cmd_generate(args) -> int:
                 height=args.height, width=args.width, num_inference_steps=args.steps,
                 guidance_scale=args.guidance_scale, guidance_schedule=args.guidance_schedule,
                 temperature=args.temperature, num_images_per_prompt=args.num_images, generator=generators,
+                sampler=args.sampler, head_steps=args.head_steps,
             ).images
             for j, (index, prompt) in enumerate(chunk):
                 mine_images = images[j * args.num_images:(j + 1) * args.num_images]
@@ -199,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance-scale", type=float, default=3.0)
     gen.add_argument("--guidance-schedule", choices=("constant", "linear"), default="constant")
     gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--sampler", choices=("exact", "plain", "fast"), default="exact",
+                     help="exact (default), plain (reference loop) or fast (fewer head denoising steps)")
+    gen.add_argument("--head-steps", type=int, help="head denoising steps with --sampler fast")
     gen.add_argument("--grid", action="store_true", help="also save a grid of each prompt's images")
     gen.add_argument("--grid-columns", type=int)
     gen.set_defaults(func=cmd_generate)

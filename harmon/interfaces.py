@@ -72,6 +72,9 @@ class TokenDecoder(Protocol):
 
     ``forward(x, mask, image_shape)``: encoder-side features ``(B, K + seen, D)``, mask ``(B, L)`` →
     ``(B, L, D')``, one condition vector per latent token (buffer dropped).
+
+    Optional: a ``positions`` keyword (bool ``(B, L)``) returning only ``conditions[positions]`` as ``(N, D')``;
+    the exact and fast samplers use it when ``forward`` accepts it, to skip work for tokens not predicted yet.
     """
 
     embed_dim: int

@@ -53,6 +53,42 @@ def vit_blocks(
     )
 
 
+def vit_block_at(block: nn.Module, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor | None:
+    """A timm ViT ``block`` evaluated at some positions only: ``x (B, N, D)``, ``index (B, P)`` → the rows
+    ``block(x)[b, index[b]]`` as ``(B, P, D)``, equal to them to float round-off.
+
+    Keys and values still come from all ``N`` positions (attention needs them); the queries, the attention
+    output, the projection, the residuals and the MLP are computed for the ``P`` chosen positions only. At the
+    last block of a stack whose output is read at a few positions (the MAR decoder during sampling: a handful of
+    the ``K + m·n`` positions per step) that skips most of the block's work. Hand-written because timm's
+    ``Block.forward`` has no notion of query positions; it reuses the block's own submodules, so weights and
+    options (qk-norm, layer scale, a gated attention) are the block's. Returns ``None`` for what it cannot
+    reproduce exactly (not a timm ``Block``/``Attention``, or in training mode, where dropout and drop-path
+    act): the caller then runs the whole block."""
+    from timm.layers import Attention
+
+    attn = getattr(block, "attn", None)
+    if type(block) is not Block or type(attn) is not Attention or block.training:
+        return None
+    batch, length, dim = x.shape
+    count = index.shape[1]
+    heads, head_dim, attn_dim = attn.num_heads, attn.head_dim, attn.attn_dim
+    h = block.norm1(x)
+    where = index[..., None].expand(-1, -1, dim)
+    h_at, x_at = h.gather(1, where), x.gather(1, where)
+    w_q, w_kv = attn.qkv.weight.split([attn_dim, 2 * attn_dim])
+    b_q, b_kv = attn.qkv.bias.split([attn_dim, 2 * attn_dim]) if attn.qkv.bias is not None else (None, None)
+    q = F.linear(h_at, w_q, b_q).view(batch, count, heads, head_dim).transpose(1, 2)
+    k, v = F.linear(h, w_kv, b_kv).view(batch, length, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
+    out = attn.norm(out.transpose(1, 2).reshape(batch, count, attn_dim))
+    if getattr(attn, "gate", None) is not None:
+        out = out * attn.gate(h_at).sigmoid()
+    x_at = x_at + block.ls1(attn.proj(out))
+    return x_at + block.ls2(block.mlp(block.norm2(x_at)))
+
+
 def grid_position_embedding(
     learned: torch.Tensor, prefix_len: int, base_grid: tuple[int, int], image_shape: tuple[int, int]
 ) -> torch.Tensor:

@@ -81,6 +81,11 @@ def _cache_keyword(decoder_class: type) -> str:
     return "cache" if "cache" in parameters else "past_key_values"
 
 
+@functools.lru_cache(maxsize=None)
+def _accepts_keyword(function: Callable, name: str) -> bool:
+    return name in inspect.signature(function).parameters
+
+
 class _ScaleGradient(torch.autograd.Function):
     """Identity forward; gradient multiplied by ``scale`` backward."""
 
@@ -416,8 +421,10 @@ class HarmonModel(nn.Module):
         default built on ``generator``. ``callback(step, num_steps, tokens)`` runs after each step.
 
         ``sampler``: ``"exact"`` (default) runs the head's fused sampling loop (``head.prepare_sampler``: same
-        draws in the same order, same samples as ``"plain"`` to float round-off, several times faster);
-        ``"plain"`` the straightforward ``head.sample`` loop (kept to re-measure against); ``"fast"`` the fused
+        draws in the same order, same samples as ``"plain"`` to float round-off, several times faster) and asks
+        the decoder for the predicted positions' conditions only (a decoder whose ``forward`` takes
+        ``positions``: the MAR decoder then runs its last block at those positions); ``"plain"`` the
+        straightforward loop (whole decoder output, indexed; ``head.sample``), kept to re-measure against; ``"fast"`` the fused
         loop on the head's schedule respaced to ``head_steps`` denoising steps (default: a quarter of the head's),
         coupled to the exact sampler's draws (its quality cost is in ``docs/performance.md``). ``compile_head``
         wraps the fused loop's step in ``torch.compile`` (CUDA graphs on CUDA; untested there).
@@ -437,6 +444,8 @@ class HarmonModel(nn.Module):
             raise ValueError(f"generator: got a list of {len(generator)} generators for {images} images")
         source = as_random_source(generator, random_source)
         head_sample = self._head_sampler(sampler, head_steps, compile_head)
+        # exact/fast: the decoder computes its last block at the predicted positions only (plain: everywhere)
+        decoder_at_positions = sampler != "plain" and _accepts_keyword(type(self.decoder).forward, "positions")
         device, dtype = self.device, self.dtype
         input_ids = input_ids.to(device)
         attention_mask = attention_mask.to(device)
@@ -454,16 +463,18 @@ class HarmonModel(nn.Module):
         if progress is not None:
             steps = progress(steps)
         for step in steps:
-            x_enc = self.encoder_step(tokens.view(rows, m, n, -1), mask, attention_mask, past_key_values=cache)
-            cache.crop(prompt_length - cache.get_seq_length())
-            z = self.decoder(x_enc, mask, (m, n))
-
             if step == num_steps - 1:
-                to_predict = mask.bool()
+                to_predict, next_mask = mask.bool(), mask
             else:
                 next_mask = torch.zeros_like(mask).scatter_(1, orders[:, : lengths[step]], 1.0)
                 to_predict = mask.bool() & ~next_mask.bool()
-                mask = next_mask
+            x_enc = self.encoder_step(tokens.view(rows, m, n, -1), mask, attention_mask, past_key_values=cache)
+            cache.crop(prompt_length - cache.get_seq_length())
+            if decoder_at_positions:  # the conditions of the tokens predicted now, and only those
+                conditions = self.decoder(x_enc, mask, (m, n), positions=to_predict)
+            else:
+                conditions = self.decoder(x_enc, mask, (m, n))[to_predict]
+            mask = next_mask
             if guided and guidance_schedule == "linear":
                 # float32 tensor arithmetic, as the original computes it from its mask_len tensor
                 left = torch.tensor([float(lengths[step])], device=device)
@@ -472,7 +483,7 @@ class HarmonModel(nn.Module):
                 scale = guidance_scale
             if to_predict.any():
                 sampled = head_sample(
-                    z[to_predict], temperature=temperature, guidance_scale=scale, random_source=source,
+                    conditions, temperature=temperature, guidance_scale=scale, random_source=source,
                     row_groups=rows,
                 )
                 tokens[to_predict] = sampled.to(dtype)

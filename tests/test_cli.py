@@ -48,6 +48,16 @@ def test_generate_is_seeded(pipeline_dir, tmp_path):
     assert a == PIL.Image.open(tmp_path / "b" / "00000_0.png").tobytes()
 
 
+def test_generate_with_the_fast_sampler_and_a_bad_head_steps(pipeline_dir, tmp_path, capsys):
+    assert main(["generate", str(pipeline_dir), "--prompt", "a cat", "--steps", "2", "--sampler", "fast",
+                 "--head-steps", "3", "--out", str(tmp_path / "fast")]) == 0
+    assert (tmp_path / "fast" / "00000_0.png").exists()
+    assert main(["generate", str(pipeline_dir), "--prompt", "a cat", "--steps", "2", "--head-steps", "3",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "head_steps applies to sampler='fast' only" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
+
+
 def test_describe(pipeline_dir, tmp_path, capsys):
     image = tmp_path / "red.png"
     PIL.Image.new("RGB", (40, 30), (255, 0, 0)).save(image)

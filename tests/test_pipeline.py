@@ -72,6 +72,18 @@ def test_same_seed_same_image_different_seeds_differ(pipe):
     assert not torch.equal(a, c)
 
 
+def test_samplers_exact_plain_fast(pipe):
+    def latents(**kwargs):
+        return pipe("a red circle", num_inference_steps=STEPS, generator=seeded(3), output_type="latent",
+                    **kwargs).images
+
+    exact, plain = latents(), latents(sampler="plain")
+    fast, fast_again = latents(sampler="fast", head_steps=2), latents(sampler="fast", head_steps=2)
+    assert float((exact - plain).norm() / plain.norm()) < 1e-5  # the same sample to float round-off
+    assert torch.equal(fast, fast_again) and not torch.allclose(fast, exact)
+    assert fast.shape == exact.shape
+
+
 def test_batch_of_two_prompts_times_two_images(pipe):
     out = pipe(["a red circle", "a blue square"], num_images_per_prompt=2, num_inference_steps=STEPS,
                generator=[seeded(i) for i in range(4)], output_type="pt")
@@ -196,6 +208,10 @@ def test_gray_padding_matches_the_original(pipe):
         (dict(generator=[torch.Generator(), torch.Generator()]), ValueError, "generator"),
         (dict(output_type="bmp"), ValueError, "output_type"),
         (dict(negative_prompt=3), TypeError, "negative_prompt"),
+        (dict(sampler="turbo"), ValueError, "sampler"),
+        (dict(sampler="exact", head_steps=5), ValueError, "head_steps"),
+        (dict(sampler="fast", head_steps=0), ValueError, "head_steps"),
+        (dict(sampler="fast", head_steps=10_000), ValueError, "head_steps"),
     ],
 )
 def test_bad_generation_arguments_name_the_argument(pipe, kwargs, error, argument):

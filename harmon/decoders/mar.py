@@ -11,7 +11,14 @@ import torch
 from pydantic import PositiveInt
 from torch import nn
 
-from harmon.layers import MARStackConfig, grid_position_embedding, init_mar_weights, masked_row_count, vit_blocks
+from harmon.layers import (
+    MARStackConfig,
+    grid_position_embedding,
+    init_mar_weights,
+    masked_row_count,
+    vit_block_at,
+    vit_blocks,
+)
 from harmon.registry import DECODERS
 
 
@@ -62,8 +69,19 @@ class MARDecoder(nn.Module):
     def buffer_size(self) -> int:
         return self.config.buffer_size
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, image_shape: tuple[int, int]) -> torch.Tensor:
-        """x ``(B, K + seen, D)``, mask ``(B, m·n)`` → conditions ``(B, m·n, D')``."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        image_shape: tuple[int, int],
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x ``(B, K + seen, D)``, mask ``(B, m·n)`` → conditions ``(B, m·n, D')``.
+
+        ``positions`` (bool ``(B, m·n)``): only the conditions at these grid positions are wanted; returns them
+        as ``(N, D')`` in the order of ``conditions[positions]`` (what the sampler feeds the head), equal to it
+        to float round-off. When every row asks for the same number of positions the last block runs at those
+        positions only (:func:`~harmon.layers.vit_block_at`); otherwise the whole stack runs and is indexed."""
         batch, seq_len = mask.shape
         seen = seq_len - masked_row_count(mask)
         if x.shape[1] != self.buffer_size + seen:
@@ -75,11 +93,33 @@ class MARDecoder(nn.Module):
         full = self.mask_token.to(x.dtype).expand(batch, keep.shape[1], -1).clone()
         full[keep] = x.reshape(-1, x.shape[-1])
         x = full + grid_position_embedding(self.pos_embed, self.buffer_size, self.config.base_grid, image_shape)
-        for block in self.blocks:
-            x = block(x)
-        x = self.norm(x)[:, self.buffer_size:]
-        return x + grid_position_embedding(self.diffusion_pos_embed, 0, self.config.base_grid, image_shape)
+        diffusion_pos = grid_position_embedding(self.diffusion_pos_embed, 0, self.config.base_grid, image_shape)
+        index = self._position_index(positions, mask) if positions is not None else None
+        if index is not None:
+            for block in self.blocks[:-1]:
+                x = block(x)
+            selected = vit_block_at(self.blocks[-1], x, index + self.buffer_size)
+            if selected is not None:
+                selected = self.norm(selected) + diffusion_pos[0][index]
+                return selected.reshape(-1, selected.shape[-1])
+            x = self.blocks[-1](x)
+        else:
+            for block in self.blocks:
+                x = block(x)
+        x = self.norm(x)[:, self.buffer_size:] + diffusion_pos
+        return x if positions is None else x[positions.to(torch.bool)]
 
+    @staticmethod
+    def _position_index(positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        """``(B, P)`` indices of ``positions`` (row-major, as boolean indexing orders them), or ``None`` when the rows
+        ask for different numbers of positions (or none)."""
+        if positions.shape != mask.shape:
+            raise ValueError(f"positions {tuple(positions.shape)} must have the mask's shape {tuple(mask.shape)}")
+        positions = positions.to(torch.bool)
+        counts = positions.sum(dim=1)
+        if not bool((counts == counts[0]).all()) or int(counts[0]) == 0:
+            return None
+        return positions.nonzero()[:, 1].view(positions.shape[0], -1)
 
 for _name, _preset in MAR_DECODER_PRESETS.items():
     DECODERS.add(_name, MARDecoder, **_preset)

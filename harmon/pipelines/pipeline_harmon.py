@@ -14,7 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from harmon.checkpoints import check_state_dict
 from harmon.encoders.common import fail_fast_for_hub_id, saved_weights_follow
-from harmon.model import GUIDANCE_SCHEDULES, HarmonModel
+from harmon.model import GUIDANCE_SCHEDULES, SAMPLERS, HarmonModel
 from harmon.pipelines.core import HarmonCore
 from harmon.pipelines.image_processing import ImageInput, postprocessor, preprocess_for_understanding
 
@@ -206,6 +206,8 @@ class HarmonPipeline(DiffusionPipeline):
         num_images_per_prompt: int,
         generator: torch.Generator | list[torch.Generator] | None,
         output_type: str,
+        sampler: str = "exact",
+        head_steps: int | None = None,
     ) -> list[str]:
         """Validate the arguments of ``__call__``; return the prompts as a list."""
         if prompt is None:
@@ -253,6 +255,17 @@ class HarmonPipeline(DiffusionPipeline):
             )
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if head_steps is not None:
+            if sampler != "fast":
+                raise ValueError(f"head_steps applies to sampler='fast' only (got sampler={sampler!r})")
+            configured = self.model.head.sample_diffusion.num_timesteps
+            if not isinstance(head_steps, int) or isinstance(head_steps, bool) or not 1 <= head_steps < configured:
+                raise ValueError(
+                    f"head_steps must be an int between 1 and the head's {configured} sampling steps (exclusive), "
+                    f"got {head_steps!r}"
+                )
         return list(prompts)
 
     # ------------------------------------------------------------------------------------------ prompts
@@ -315,6 +328,8 @@ class HarmonPipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable[["HarmonPipeline", int, int, dict], dict | None] | None = None,
+        sampler: str = "exact",
+        head_steps: int | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""Generate images from text.
 
@@ -334,13 +349,18 @@ class HarmonPipeline(DiffusionPipeline):
             output_type: ``"pil"``, ``"np"``, ``"pt"`` (``[0, 1]``) or ``"latent"`` (tokens ``(B, m, n, C)``).
             return_dict: return an ``ImagePipelineOutput`` (else a tuple).
             callback_on_step_end: ``callback(pipe, step, num_steps, {"tokens": tokens})`` after each step.
+            sampler: ``"exact"`` (default: the fused sampler, the plain one's samples to float round-off),
+                ``"plain"`` (the straightforward loop, to compare against) or ``"fast"`` (fewer denoising steps
+                in the diffusion head: faster, slightly different samples; see ``docs/performance.md``).
+            head_steps: the diffusion head's denoising steps for ``sampler="fast"`` (default: a quarter of the
+                configured ones).
         """
         config = self.model.config
         height = height if height is not None else config.image_size
         width = width if width is not None else config.image_size
         prompts = self.check_inputs(
             prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, guidance_schedule,
-            temperature, num_images_per_prompt, generator, output_type,
+            temperature, num_images_per_prompt, generator, output_type, sampler, head_steps,
         )
         m, n = self.model.latent_grid(height, width)
         guided = guidance_scale > 1
@@ -364,6 +384,8 @@ class HarmonPipeline(DiffusionPipeline):
             generator=generator,
             progress=lambda steps: self.progress_bar(steps),
             callback=on_step,
+            sampler=sampler,
+            head_steps=head_steps,
         )
         if output_type == "latent":
             images = tokens
