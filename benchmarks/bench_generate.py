@@ -41,6 +41,7 @@ import torch
 from harmon.configs import ComponentSpec, HarmonConfig
 from harmon.encoders.vae import KLAutoencoderConfig
 from harmon.model import HarmonModel
+from harmon.testing import prompt_rows
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PHASES = ("prefill", "encoder", "llm", "decoder", "head", "vae", "rest")
@@ -88,17 +89,9 @@ def prompt_batch(model: HarmonModel, batch: int, guided: bool, seed: int = 1234,
     """Right-padded random prompts ``[cond; uncond]``: cond rows of varied length, one shared uncond row."""
     generator = torch.Generator().manual_seed(seed)
     vocab = model.llm.config.vocab_size
-    rows = [torch.randint(3, vocab, (length - (i % 5),), generator=generator) for i in range(batch)]
-    if guided:
-        uncond = torch.randint(3, vocab, (8,), generator=generator)
-        rows += [uncond] * batch
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), 2, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = row
-        mask[i, : len(row)] = 1
-    return ids, mask
+    rows = [torch.randint(3, vocab, (length - (i % 5),), generator=generator).tolist() for i in range(batch)]
+    uncond = torch.randint(3, vocab, (8,), generator=generator).tolist() if guided else None
+    return prompt_rows(rows, uncond)
 
 
 # ------------------------------------------------------------------------------------------------- modes

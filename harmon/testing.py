@@ -1,12 +1,11 @@
 """Tiny, offline building blocks for tests, examples and smoke runs (no hub access).
 
-``tiny_tokenizer()`` builds a character-level BPE tokenizer with the Qwen chat special tokens
+``prompt_rows()`` lays prompt ids out as the sampler takes them; ``tiny_tokenizer()`` builds a character-level BPE tokenizer with the Qwen chat special tokens
 (``<|endoftext|>`` = 0, ``<|im_start|>`` = 1, ``<|im_end|>`` = 2, ``<image>`` = 3) that fits the ``tiny``
 preset's 256-token vocabulary; ``tiny_model()`` a randomly initialised ``tiny`` HarmonModel.
 """
 
 from __future__ import annotations
-
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -63,3 +62,18 @@ def tiny_model(seed: int = 0, sane_head: bool = True, understanding_encoder=None
 
 
 __all__ = ["SPECIAL_TOKENS", "tiny_model", "tiny_tokenizer"]
+
+
+def prompt_rows(
+    cond: list[list[int]], uncond: list[int] | None, pad_id: int = 2
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt id lists → right-padded ``(input_ids, attention_mask)`` rows as :meth:`HarmonModel.generate_tokens`
+    takes them: the ``cond`` rows, then (``uncond`` given, i.e. with guidance) one ``uncond`` row per cond row."""
+    rows = cond + ([uncond] * len(cond) if uncond is not None else [])
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return ids, mask

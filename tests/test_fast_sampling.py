@@ -17,7 +17,7 @@ import torch
 
 from harmon.heads.diffusion import RespacedGaussianDiffusion, _noise_coupling, adm_cosine_scheduler
 from harmon.randomness import GeneratorRandomSource, ReplayRandomSource
-from harmon.testing import tiny_model
+from harmon.testing import prompt_rows, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT_A = [1, 10, 11, 12, 13, 2, 1, 5]
@@ -39,17 +39,6 @@ def one_thread():
 @pytest.fixture(scope="module")
 def model():
     return tiny_model(seed=0)
-
-
-def prompt_rows(cond: list[list[int]], uncond: list[int] | None, pad_id: int = 2):
-    rows = cond + ([uncond] * len(cond) if uncond is not None else [])
-    length = max(len(r) for r in rows)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), length, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
-    return ids, mask
 
 
 def generate(model, seed=0, prompts=(PROMPT_A,), guidance=3.0, per_image=False, random_source=None, **kwargs):

@@ -8,6 +8,7 @@ import torch
 from harmon.configs import HarmonConfig
 from harmon.model import HarmonModel, mask_schedule
 from harmon.randomness import GeneratorRandomSource
+from harmon.testing import prompt_rows
 
 
 @pytest.fixture(scope="module")
@@ -20,17 +21,6 @@ def model() -> HarmonModel:
             if parameter.abs().sum() == 0:
                 parameter.normal_(std=0.05)
     return model
-
-
-def prompt_rows(cond: list[list[int]], uncond: list[int] | None, pad_id: int = 2):
-    rows = cond + ([uncond] * len(cond) if uncond is not None else [])
-    length = max(len(r) for r in rows)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), length, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
-    return ids, mask
 
 
 PROMPT_A = [1, 10, 11, 12, 13, 2, 1, 5]

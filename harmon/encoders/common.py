@@ -88,6 +88,23 @@ class PixelPreprocessing:
         return preprocess_pixels(pixels, self.image_size, self.image_mean, self.image_std)
 
 
+class ConfiguredPixelPreprocessing(PixelPreprocessing):
+    """:class:`PixelPreprocessing` whose ``image_size``, ``image_mean`` and ``image_std`` are the fields of the
+    instance's pydantic ``config`` (the built-in pixel encoders)."""
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    @property
+    def image_mean(self) -> tuple[float, float, float]:
+        return self.config.image_mean
+
+    @property
+    def image_std(self) -> tuple[float, float, float]:
+        return self.config.image_std
+
+
 def module_dtype(module: torch.nn.Module) -> torch.dtype:
     for parameter in module.parameters():
         return parameter.dtype
@@ -120,6 +137,7 @@ def fail_fast_for_hub_id(name: str, what: str, hint: str) -> None:
 __all__ = [
     "GRAY",
     "IDENTITY_MEAN_STD",
+    "ConfiguredPixelPreprocessing",
     "PixelPreprocessing",
     "fail_fast_for_hub_id",
     "preprocess_pixels",

@@ -28,7 +28,7 @@ from transformers.utils import logging as transformers_logging
 from harmon.checkpoints import CheckpointKeyError, check_state_dict
 from harmon.encoders.common import (
     IDENTITY_MEAN_STD,
-    PixelPreprocessing,
+    ConfiguredPixelPreprocessing,
     fail_fast_for_hub_id,
     module_dtype,
     should_load_pretrained,
@@ -165,7 +165,7 @@ def load_siglip_vision_model(name_or_folder: str | os.PathLike, config: SiglipEn
     return model.eval()
 
 
-class SiglipEncoder(PixelPreprocessing, nn.Module):
+class SiglipEncoder(ConfiguredPixelPreprocessing, nn.Module):
     """Pixels → SigLIP patch features ``(B, (image_size / patch_size)², hidden_size)``; ``.model`` is the
     transformers ``SiglipVisionModel``."""
 
@@ -190,18 +190,6 @@ class SiglipEncoder(PixelPreprocessing, nn.Module):
     @property
     def hidden_size(self) -> int:
         return self.config.hidden_size
-
-    @property
-    def image_size(self) -> int:
-        return self.config.image_size
-
-    @property
-    def image_mean(self) -> tuple[float, float, float]:
-        return self.config.image_mean
-
-    @property
-    def image_std(self) -> tuple[float, float, float]:
-        return self.config.image_std
 
     @property
     def num_tokens(self) -> int:

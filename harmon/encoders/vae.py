@@ -44,7 +44,12 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from torch import Tensor, nn
 
 from harmon.checkpoints import CheckpointKeyError, read_state_dict
-from harmon.encoders.common import IDENTITY_MEAN_STD, PixelPreprocessing, module_dtype, should_load_pretrained
+from harmon.encoders.common import (
+    IDENTITY_MEAN_STD,
+    ConfiguredPixelPreprocessing,
+    module_dtype,
+    should_load_pretrained,
+)
 from harmon.registry import ENCODERS
 
 __all__ = [
@@ -366,7 +371,7 @@ class KLFeatureEncoderConfig(KLAutoencoderConfig):
         return KLAutoencoderConfig(**self.model_dump(include=set(KLAutoencoderConfig.model_fields)))
 
 
-class KLFeatureEncoder(PixelPreprocessing, nn.Module):
+class KLFeatureEncoder(ConfiguredPixelPreprocessing, nn.Module):
     """Pixels → the KL VAE's posterior mode × ``scale`` as features ``(B, m·n, embed_dim)`` (m = n =
     image_size / stride). The whole diffusers ``AutoencoderKL`` is kept (``.vae``), so ``kl16.ckpt`` loads
     strictly through :func:`load_ldm_kl_checkpoint`."""
@@ -385,18 +390,6 @@ class KLFeatureEncoder(PixelPreprocessing, nn.Module):
     @property
     def hidden_size(self) -> int:
         return self.config.embed_dim
-
-    @property
-    def image_size(self) -> int:
-        return self.config.image_size
-
-    @property
-    def image_mean(self) -> tuple[float, float, float]:
-        return self.config.image_mean
-
-    @property
-    def image_std(self) -> tuple[float, float, float]:
-        return self.config.image_std
 
     def encode(self, pixels: Tensor) -> Tensor:
         """Preprocessed pixels ``(B, 3, S, S)`` → ``(B, (S/16)², embed_dim)``."""

@@ -24,7 +24,12 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from torch import Tensor, nn
 
 from harmon.checkpoints import read_state_dict
-from harmon.encoders.common import IDENTITY_MEAN_STD, PixelPreprocessing, module_dtype, should_load_pretrained
+from harmon.encoders.common import (
+    IDENTITY_MEAN_STD,
+    ConfiguredPixelPreprocessing,
+    module_dtype,
+    should_load_pretrained,
+)
 from harmon.encoders.vae import (
     convert_autoencoder_state_dict_to_ldm,
     convert_ldm_autoencoder_state_dict,
@@ -136,7 +141,7 @@ def load_taming_vqgan_checkpoint(path: str | os.PathLike[str], config: VQGANEnco
     return model.eval()
 
 
-class VQGANEncoder(PixelPreprocessing, nn.Module):
+class VQGANEncoder(ConfiguredPixelPreprocessing, nn.Module):
     """Pixels → quantized VQGAN latents ``(B, m·n, embed_dim)`` (the codebook vectors; gradients pass straight
     through the quantizer). The whole diffusers ``VQModel`` is kept as ``.vqgan`` (decoder included), so a taming
     checkpoint loads strictly."""
@@ -155,18 +160,6 @@ class VQGANEncoder(PixelPreprocessing, nn.Module):
     @property
     def hidden_size(self) -> int:
         return self.config.embed_dim
-
-    @property
-    def image_size(self) -> int:
-        return self.config.image_size
-
-    @property
-    def image_mean(self) -> tuple[float, float, float]:
-        return self.config.image_mean
-
-    @property
-    def image_std(self) -> tuple[float, float, float]:
-        return self.config.image_std
 
     def encode(self, pixels: Tensor) -> Tensor:
         """Preprocessed pixels ``(B, 3, S, S)`` → ``(B, (S/16)², embed_dim)``: exactly the chosen codebook vectors

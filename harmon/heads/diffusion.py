@@ -332,17 +332,10 @@ class MLPAdaLNDiffusionHead(nn.Module):
         per-image random source can serve each block. Draw order (what a replayed run must record): the initial
         noise, then one full-size draw per step, t = K-1 … 0 (t = 0 included, multiplied by zero).
         """
-        if random_source is None:
-            from harmon.randomness import GeneratorRandomSource
-
-            random_source = GeneratorRandomSource(None)
+        random_source = _default_random_source(random_source)
         guided = _is_guided(guidance_scale)
         rows = c.shape[0]
-        if guided:
-            half = random_source.randn((rows // 2, self.token_dim), c.device, c.dtype, max(row_groups // 2, 1))
-            x = torch.cat([half, half])
-        else:
-            x = random_source.randn((rows, self.token_dim), c.device, c.dtype, row_groups)
+        x = _initial_noise(random_source, rows, self.token_dim, guided, row_groups, c.device, c.dtype)
         diffusion = self.sample_diffusion
         for i in reversed(range(diffusion.num_timesteps)):
             index = torch.full((rows,), i, device=c.device, dtype=torch.long)
@@ -613,19 +606,12 @@ class FusedAncestralSampler:
         row_groups: int = 1,
     ) -> torch.Tensor:
         """Same contract as :meth:`MLPAdaLNDiffusionHead.sample`: conditions ``c (N, D')`` → tokens ``(N, C)``."""
-        if random_source is None:
-            from harmon.randomness import GeneratorRandomSource
-
-            random_source = GeneratorRandomSource(None)
+        random_source = _default_random_source(random_source)
         guided = _is_guided(guidance_scale)
         rows, device, dtype = c.shape[0], self.device, self.dtype
         c = c.to(device=device, dtype=dtype)
         shape = (rows, self.token_dim)
-        if guided:
-            half = random_source.randn((rows // 2, self.token_dim), device, dtype, max(row_groups // 2, 1))
-            x = torch.cat([half, half])
-        else:
-            x = random_source.randn(shape, device, dtype, row_groups)
+        x = _initial_noise(random_source, rows, self.token_dim, guided, row_groups, device, dtype)
         # every step's noise, drawn in the order sample() draws it (index K-1-i holds step i's)
         noise = torch.stack([random_source.randn(shape, device, dtype, row_groups) for _ in range(self.num_draws)])
         noise = noise.flip(0)  # index i: step i
@@ -656,6 +642,25 @@ class FusedAncestralSampler:
                     x = x.clone()  # a CUDA-graph output is overwritten by the next replay
             top = bottom
         return x
+
+
+def _default_random_source(random_source: RandomSource | None) -> RandomSource:
+    if random_source is not None:
+        return random_source
+    from harmon.randomness import GeneratorRandomSource
+
+    return GeneratorRandomSource(None)
+
+
+def _initial_noise(
+    random_source: RandomSource, rows: int, channels: int, guided: bool, row_groups: int, device, dtype
+) -> torch.Tensor:
+    """The first draw of a head sampling call (both samplers): ``(rows, channels)`` noise; with guidance one
+    draw for the cond half, repeated for the uncond half."""
+    if guided:
+        half = random_source.randn((rows // 2, channels), device, dtype, max(row_groups // 2, 1))
+        return torch.cat([half, half])
+    return random_source.randn((rows, channels), device, dtype, row_groups)
 
 
 def _is_guided(guidance_scale: float | torch.Tensor) -> bool:
