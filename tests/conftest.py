@@ -42,6 +42,32 @@ def original_config(parity_dir: Path) -> dict:
     return json.loads((parity_dir / "original_config.json").read_text())
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``).
+
+    Tiny models gain nothing from intra-op threads, and on a busy 2-core machine an OpenMP barrier waiting for a
+    descheduled thread made such modules 10-40× slower. The caller's setting is restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def reset_accelerate_state() -> None:
+    """Each Trainer builds an Accelerator; accelerate keeps process-wide singletons between them: reset them."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    reset_accelerate_state()
+    yield
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float = 1e-5, name: str = "") -> float:
     """Assert max-abs-diff <= atol (shapes must match); return the measured max-abs-diff."""
     assert tuple(actual.shape) == tuple(expected.shape), f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import reset_accelerate_state
 from pydantic import ValidationError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,21 +49,7 @@ FEW_STEPS = {"unified": 6, "shared_decoupled": 4, "stages": 3, "resolution": 3, 
 EVAL_EVERY = {"unified": 3}  # the others: at each stage's start and end only
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_intra_op_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "fresh_accelerate_state")
 
 
 def quiet(_: str) -> None:
@@ -82,10 +69,7 @@ def runs(tmp_path_factory):
 
     def get(name: str):
         if name not in cache:
-            from accelerate.state import AcceleratorState, GradientState
-
-            AcceleratorState._reset_state(True)
-            GradientState._reset_state()
+            reset_accelerate_state()
             out = tmp_path_factory.mktemp(name)
             if name == "shared_decoupled":  # also proves the metric extension point: a metric registered here
                 study = load_study(name)

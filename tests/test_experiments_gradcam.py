@@ -19,15 +19,10 @@ from PIL import Image  # noqa: E402
 
 from harmon import ENCODERS  # noqa: E402
 from experiments import gradcam, linear_probe  # noqa: E402
-from experiments.common import TokenFeatures, torch_threads  # noqa: E402
+from experiments.common import TokenFeatures  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """These models are tiny: one torch thread is about as fast on an idle machine and several times faster on a
-    busy one (a second thread spin-waits); the caller's setting is restored after each test."""
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _check_outputs(out: dict, num_columns: int) -> None:

@@ -25,18 +25,12 @@ from experiments.common import (  # noqa: E402
     load_probe,
     read_csv,
     topk_accuracy,
-    torch_threads,
     train_linear_probe,
     warmup_cosine,
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """These models are tiny: one torch thread is about as fast on an idle machine and several times faster on a
-    busy one (a second thread spin-waits); the caller's setting is restored after each test."""
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _check_results(csv_path: Path) -> list[dict[str, str]]:

@@ -15,16 +15,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ liv
 from PIL import Image  # noqa: E402
 
 from experiments import toy_reproduction  # noqa: E402
-from experiments.common import read_csv, torch_threads  # noqa: E402
+from experiments.common import read_csv  # noqa: E402
 from experiments.gradcam import HEADER  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """These models are tiny: one torch thread is about as fast on an idle machine and several times faster on a
-    busy one (a second thread spin-waits); the caller's setting is restored after each test."""
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_toy_reproduction_smoke(tmp_path):

@@ -26,14 +26,7 @@ UNCOND = [1, 30, 31, 2, 1, 5, 6]
 ROUND_OFF = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny tensors gain nothing from intra-op threads, and on a shared machine whose cores are busy an OpenMP
-    # barrier waiting for a descheduled thread turned this module's 3 s into 80 s; the setting is restored after
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

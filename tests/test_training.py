@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import reset_accelerate_state
 from pydantic import ValidationError
 
 from harmon.model import HarmonModel
@@ -31,24 +32,7 @@ SMOKE = REPO / "experiments" / "configs" / "smoke.yaml"
 STAGE1 = REPO / "experiments" / "configs" / "stage1_harmon-0.5b.yaml"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_intra_op_thread():
-    """The tiny model's ops are too small to gain from intra-op threads, and on a busy 2-core machine spinning
-    OpenMP threads make them 10-40× slower: train on one thread, restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each Trainer builds an Accelerator; accelerate keeps process-wide singletons between them."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +55,7 @@ def state_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------------- smoke
 @pytest.fixture(scope="module")
 def smoke_run(shapes, tmp_path_factory):
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     output_dir = tmp_path_factory.mktemp("smoke")
     trainer = Trainer(smoke_config(shapes, output_dir))
     result = trainer.train()
@@ -138,11 +119,8 @@ RESUME_OVERRIDES = {
 
 @pytest.fixture(scope="module")
 def resume_runs(shapes, tmp_path_factory):
-    from accelerate.state import AcceleratorState, GradientState
-
     def run(output_dir, **kwargs):
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        reset_accelerate_state()
         trainer = Trainer(smoke_config(shapes, output_dir, **RESUME_OVERRIDES), **kwargs)
         return trainer, trainer.train()
 
