@@ -446,6 +446,7 @@ class HarmonModel(nn.Module):
         head_sample = self._head_sampler(sampler, head_steps, compile_head)
         # exact/fast: the decoder computes its last block at the predicted positions only (plain: everywhere)
         decoder_at_positions = sampler != "plain" and _accepts_keyword(type(self.decoder).forward, "positions")
+        share_encoder = sampler != "plain"  # exact/fast: one encoder pass per guidance pair (plain: both halves)
         device, dtype = self.device, self.dtype
         input_ids = input_ids.to(device)
         attention_mask = attention_mask.to(device)
@@ -468,7 +469,15 @@ class HarmonModel(nn.Module):
             else:
                 next_mask = torch.zeros_like(mask).scatter_(1, orders[:, : lengths[step]], 1.0)
                 to_predict = mask.bool() & ~next_mask.bool()
-            x_enc = self.encoder_step(tokens.view(rows, m, n, -1), mask, attention_mask, past_key_values=cache)
+            if guided and share_encoder:
+                # both halves hold the same tokens, mask and buffer and the encoder does not read the prompt: one
+                # encoder pass for each guidance pair, repeated for the unconditional rows (exact, not approximate)
+                x_half, z_half = self.visual_features(tokens[:images].view(images, m, n, -1), mask[:images])
+                x_enc = self._through_llm(
+                    torch.cat([x_half, x_half]), torch.cat([z_half, z_half]), attention_mask, past_key_values=cache
+                )
+            else:
+                x_enc = self.encoder_step(tokens.view(rows, m, n, -1), mask, attention_mask, past_key_values=cache)
             cache.crop(prompt_length - cache.get_seq_length())
             if decoder_at_positions:  # the conditions of the tokens predicted now, and only those
                 conditions = self.decoder(x_enc, mask, (m, n), positions=to_predict)
@@ -477,8 +486,10 @@ class HarmonModel(nn.Module):
             mask = next_mask
             if guided and guidance_schedule == "linear":
                 # float32 tensor arithmetic, as the original computes it from its mask_len tensor
-                left = torch.tensor([float(lengths[step])], device=device)
-                scale: float | torch.Tensor = 1 + (guidance_scale - 1) * (seq_len - left) / seq_len
+                # computed in float32, then handed to the head as a Python number so that it follows the head's
+                # dtype (a float32 tensor here broke bfloat16 sampling)
+                left = torch.tensor([float(lengths[step])])
+                scale = float(1 + (guidance_scale - 1) * (seq_len - left) / seq_len)
             else:
                 scale = guidance_scale
             if to_predict.any():
@@ -487,6 +498,10 @@ class HarmonModel(nn.Module):
                     row_groups=rows,
                 )
                 tokens[to_predict] = sampled.to(dtype)
+            if guided:
+                # as the original (``cur_tokens[bsz//2:] = cur_tokens[:bsz//2]``): the unconditional rows take the
+                # conditional rows' tokens, so both halves feed the encoder the same tokens at the next step
+                tokens[images:] = tokens[:images]
             if callback is not None:
                 callback(step, num_steps, tokens[:images].view(images, m, n, -1))
         return tokens[:images].view(images, m, n, -1)
