@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="text → image")
-    gen.add_argument("pipeline", help="a HarmonPipeline folder")
+    gen.add_argument("pipeline", nargs="?", default="harmon-toy",
+                     help="a HarmonPipeline folder (default: harmon-toy, the small model shipped in the package)")
     gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     gen.add_argument("--prompts-file", help="JSON list of strings or {\"prompt\": ...}, or one prompt per line")
     gen.add_argument("--out", default="outputs")
@@ -208,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     desc = sub.add_parser("describe", help="image → text")
-    desc.add_argument("pipeline")
+    desc.add_argument("pipeline", nargs="?", default="harmon-toy", help="a HarmonPipeline folder (default: harmon-toy)")
     desc.add_argument("--image", required=True)
     desc.add_argument("--question", default="Describe this image in detail.")
     desc.add_argument("--max-new-tokens", type=int, default=256)
@@ -227,9 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     conv.set_defaults(func=cmd_convert)
 
     info = sub.add_parser("info", help="components, parameter counts, dtype")
-    info.add_argument("pipeline")
+    info.add_argument("pipeline", nargs="?", default="harmon-toy", help="a HarmonPipeline folder (default: harmon-toy)")
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_info)
+
+    from harmon.toy.cli import add_toy_parser  # `harmon toy train | eval`
+
+    add_toy_parser(sub)
 
     for command in (gen, desc, conv):
         command.add_argument("--dtype", choices=sorted(DTYPES), help="default: as saved (float32 on CPU)")

@@ -303,3 +303,21 @@ PRESETS["harmon-0.5b-siglip"] = dict(
     PRESETS["harmon-0.5b"], understanding_encoder=ComponentSpec(name="siglip-base-patch16-256")
 )
 PRESETS["tiny-siglip"] = dict(PRESETS["tiny"], understanding_encoder=ComponentSpec(name="siglip-tiny"))
+# harmon-toy: the small model trained offline on coloured digits (harmon.toy; weights shipped in the package).
+# 64×64 images through a stride-8 KL VAE (8×8 = 64 tokens of 4 channels; why: docs/toy.md), a word-level
+# 64-token vocabulary (harmon.toy.tokenizer), a 3-layer Qwen2 of width 128, MAR encoder/decoder of width 128 and
+# depth 2, a 3-block MLP head of width 160: 2.3 M parameters, 4.6 MB in fp16.
+_TOY_MAR = dict(embed_dim=128, depth=2, num_heads=4, buffer_size=4, base_grid=(8, 8), attn_dropout=0.0,
+                proj_dropout=0.0)
+PRESETS["harmon-toy"] = dict(
+    encoder=ComponentSpec(name="mar", config=dict(token_dim=8, **_TOY_MAR)),
+    decoder=ComponentSpec(name="mar", config=dict(encoder_dim=128, **_TOY_MAR)),
+    head=ComponentSpec(name="mlp-adaln", config=dict(token_dim=8, cond_dim=128, width=160, depth=3)),
+    backbone=ComponentSpec(name="qwen2", config=dict(
+        vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256)),
+    vae=KLAutoencoderConfig(embed_dim=8, ch=16, ch_mult=(1, 2, 2, 2), num_res_blocks=1, attn_resolutions=(),
+                            resolution=64, norm_num_groups=1),
+    vae_stride=8,
+    image_size=64,
+)

@@ -83,14 +83,20 @@ class KLAutoencoderConfig(BaseModel):
     resolution: PositiveInt = 256
     in_channels: PositiveInt = 3
     out_channels: PositiveInt = 3
+    # GroupNorm groups (LDM: 32). Fewer groups for narrow VAEs: at 32 channels 32 groups normalise every channel
+    # over the image on its own (instance norm), which loses flat colours (harmon-toy uses 8)
+    norm_num_groups: PositiveInt = _NORM_NUM_GROUPS
 
     @model_validator(mode="after")
     def _check_widths(self) -> KLAutoencoderConfig:
         if not self.ch_mult:
             raise ValueError("ch_mult must name at least one level")
-        bad = [self.ch * m for m in self.ch_mult if (self.ch * m) % _NORM_NUM_GROUPS]
+        bad = [self.ch * m for m in self.ch_mult if (self.ch * m) % self.norm_num_groups]
         if bad:
-            raise ValueError(f"level widths ch*ch_mult must be multiples of {_NORM_NUM_GROUPS} (GroupNorm); got {bad}")
+            raise ValueError(
+                f"level widths ch*ch_mult must be multiples of norm_num_groups {self.norm_num_groups} (GroupNorm); "
+                f"got {bad}"
+            )
         return self
 
     @property
@@ -138,7 +144,7 @@ def build_kl_autoencoder(config: KLAutoencoderConfig) -> AutoencoderKL:
         layers_per_block=config.num_res_blocks,
         act_fn="silu",
         latent_channels=config.embed_dim,
-        norm_num_groups=_NORM_NUM_GROUPS,
+        norm_num_groups=config.norm_num_groups,
         sample_size=config.resolution,
         scaling_factor=1.0,
     )

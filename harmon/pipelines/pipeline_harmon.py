@@ -129,6 +129,11 @@ class HarmonPipeline(DiffusionPipeline):
         Only local folders are read here; a hub id fails fast when the hub cannot be reached. Core weights are
         checked strictly: missing, unexpected and mis-shaped keys are named.
         """
+        # --- embedded pipelines shipped in the package ("harmon-toy"): harmon.toy resolves the name to its folder
+        from harmon.toy import resolve_embedded
+
+        pretrained_model_name_or_path, kwargs = resolve_embedded(pretrained_model_name_or_path, kwargs)
+        # ---
         path = Path(pretrained_model_name_or_path)
         if not path.is_dir():
             _fail_for_unreachable_hub_id(str(pretrained_model_name_or_path))

@@ -1,0 +1,159 @@
+"""Train harmon-toy from scratch: data → toy VAE → the three-stage recipe on the project's training engine.
+
+    harmon toy train --out runs/harmon-toy                 # the shipped weights' recipe (see docs/toy.md)
+    python -m harmon.toy.train --out runs/harmon-toy --threads 2
+
+1. the training split (:func:`harmon.toy.data.write_dataset`) is written under ``OUT/data`` in the engine's
+   caption / LLaVA / text layouts;
+2. the preset's KL VAE is trained on those images (:mod:`harmon.toy.vae`) and ``vae_scale`` measured;
+3. a ``harmon-toy`` model (random init, the trained VAE, the toy tokenizer) is saved as ``OUT/init``;
+4. ``harmon/toy/recipes/stage{1,2,3}.yaml`` run one after the other with :func:`harmon.training.train`, each
+   starting from the previous stage's export;
+5. stage III's export is written as an fp16 pipeline folder ``OUT/harmon-toy`` (what the package ships) and the
+   timings go to ``OUT/train_info.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+RECIPES = Path(__file__).with_name("recipes")
+STAGES = (1, 2, 3)
+
+
+@dataclass
+class ToyTrainSettings:
+    """What a run changes; the defaults are the shipped weights' run."""
+
+    seed: int = 0
+    num_images: int = 4000
+    vae_steps: int = 300
+    stage_steps: tuple[int, int, int] | None = None  # None: the recipes' max_steps
+    threads: int | None = 2
+    overrides: list[str] = field(default_factory=list)  # extra -o KEY=VALUE for every stage
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def train_toy(out: str | Path, settings: ToyTrainSettings | None = None, log=_log) -> dict[str, Any]:
+    """Run the whole recipe into ``out``; returns (and writes to ``out/train_info.json``) what it measured."""
+    import torch
+
+    from harmon.configs import HarmonConfig
+    from harmon.model import HarmonModel
+    from harmon.toy.data import pixels, render, scenes, write_dataset
+    from harmon.toy.tokenizer import toy_tokenizer
+    from harmon.toy.vae import latent_scale, reconstruction_mse, train_vae
+    from harmon.training.config import load_config
+    from harmon.training.trainer import train
+
+    settings = settings or ToyTrainSettings()
+    log = log or (lambda message: None)
+    out = Path(out)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    info: dict[str, Any] = {"settings": {**settings.__dict__, "stage_steps": settings.stage_steps},
+                            "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine()}
+    started = time.perf_counter()
+
+    data_dir = write_dataset(out / "data", settings.num_images, "train", settings.seed)
+    info["data_seconds"] = time.perf_counter() - started
+    log(f"data: {settings.num_images} canvases in {data_dir} ({info['data_seconds']:.0f} s)")
+
+    torch.manual_seed(settings.seed)
+    config = HarmonConfig.from_preset("harmon-toy")
+    model = HarmonModel.from_config(config)
+    train_scenes = scenes(settings.num_images, "train", settings.seed)
+    images = torch.from_numpy(pixels([render(s) for s in train_scenes]))
+    info["vae"] = train_vae(model.vae, images, steps=settings.vae_steps, seed=settings.seed, log=log)
+    held_out = torch.from_numpy(pixels([render(s) for s in scenes(256, "test", settings.seed)]))
+    info["vae"]["held_out_mse"] = reconstruction_mse(model.vae, held_out)
+    scale = latent_scale(model.vae, images)
+    info["vae"]["vae_scale"] = scale
+    model.vae.requires_grad_(False)
+    # the preset with the measured scale; the fresh modules keep their init, the VAE its training
+    vae_state = model.vae.state_dict()
+    torch.manual_seed(settings.seed)
+    model = HarmonModel.from_config(config.model_copy(update={"vae_scale": scale}))
+    model.vae.load_state_dict(vae_state)
+    init = out / "init"
+    model.save_pretrained(init)
+    toy_tokenizer().save_pretrained(str(init))
+    log(f"vae: mse {info['vae']['mse']:.5f} (held-out {info['vae']['held_out_mse']:.5f}), vae_scale {scale:.4f}")
+
+    previous = init
+    info["stages"] = {}
+    for stage in STAGES:
+        overrides = [f"output_dir={out / f'stage{stage}'}", f"data.root={data_dir}", f"model.pretrained={previous}",
+                     f"seed={settings.seed}", *settings.overrides]
+        if settings.stage_steps is not None:
+            overrides.append(f"training.max_steps={settings.stage_steps[stage - 1]}")
+        recipe = load_config(RECIPES / f"stage{stage}.yaml", overrides=overrides)
+        stage_started = time.perf_counter()
+        result = train(recipe)
+        seconds = time.perf_counter() - stage_started
+        last = result.history[-1] if result.history else {}
+        info["stages"][stage] = {"steps": result.step, "seconds": seconds,
+                                 "last": {k: v for k, v in last.items() if k.startswith("loss/")}}
+        log(f"stage {stage}: {result.step} steps in {seconds:.0f} s; last losses {info['stages'][stage]['last']}")
+        previous = result.export_dir / "harmon_model"
+
+    shipped = write_shipped_folder(result.export_dir, out / "harmon-toy")
+    info["shipped_folder"] = str(shipped)
+    info["shipped_bytes"] = sum(p.stat().st_size for p in shipped.rglob("*") if p.is_file())
+    info["total_seconds"] = time.perf_counter() - started
+    (out / "train_info.json").write_text(json.dumps(info, indent=1, default=str))
+    log(f"done in {info['total_seconds']:.0f} s; pipeline folder {shipped} ({info['shipped_bytes'] / 1e6:.2f} MB)")
+    return info
+
+
+def write_shipped_folder(export: Path, folder: Path) -> Path:
+    """The export's pipeline in fp16 (half the bytes; loaded back in fp32 by default), written to ``folder``."""
+    import torch
+
+    from harmon.pipelines import HarmonPipeline
+
+    pipe = HarmonPipeline.from_pretrained(export)
+    pipe.to(torch.float16).save_pretrained(str(folder))
+    return folder
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="python -m harmon.toy.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/harmon-toy"), help="run folder")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-images", type=int, default=ToyTrainSettings.num_images)
+    parser.add_argument("--vae-steps", type=int, default=ToyTrainSettings.vae_steps)
+    parser.add_argument("--stage-steps", type=int, nargs=3, metavar=("I", "II", "III"),
+                        help="optimizer steps per stage (default: the recipes')")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="a recipe field for every stage, e.g. training.micro_batch_size=16")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_from_args(args)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    settings = ToyTrainSettings(
+        seed=args.seed, num_images=args.num_images, vae_steps=args.vae_steps,
+        stage_steps=tuple(args.stage_steps) if args.stage_steps else None, threads=args.threads or None,
+        overrides=list(args.override),
+    )
+    train_toy(args.out, settings)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
