@@ -310,13 +310,13 @@ PRESETS["tiny-siglip"] = dict(PRESETS["tiny"], understanding_encoder=ComponentSp
 _TOY_MAR = dict(embed_dim=128, depth=2, num_heads=4, buffer_size=4, base_grid=(8, 8), attn_dropout=0.0,
                 proj_dropout=0.0)
 PRESETS["harmon-toy"] = dict(
-    encoder=ComponentSpec(name="mar", config=dict(token_dim=8, **_TOY_MAR)),
+    encoder=ComponentSpec(name="mar", config=dict(token_dim=16, **_TOY_MAR)),
     decoder=ComponentSpec(name="mar", config=dict(encoder_dim=128, **_TOY_MAR)),
-    head=ComponentSpec(name="mlp-adaln", config=dict(token_dim=8, cond_dim=128, width=160, depth=3)),
+    head=ComponentSpec(name="mlp-adaln", config=dict(token_dim=16, cond_dim=128, width=160, depth=3)),
     backbone=ComponentSpec(name="qwen2", config=dict(
         vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256)),
-    vae=KLAutoencoderConfig(embed_dim=8, ch=16, ch_mult=(1, 2, 2, 2), num_res_blocks=1, attn_resolutions=(),
+    vae=KLAutoencoderConfig(embed_dim=16, ch=16, ch_mult=(1, 2, 2, 2), num_res_blocks=1, attn_resolutions=(),
                             resolution=64, norm_num_groups=1),
     vae_stride=8,
     image_size=64,

@@ -33,7 +33,7 @@ class ToyTrainSettings:
 
     seed: int = 0
     num_images: int = 4000
-    vae_steps: int = 300
+    vae_steps: int = 800
     stage_steps: tuple[int, int, int] | None = None  # None: the recipes' max_steps
     threads: int | None = 2
     overrides: list[str] = field(default_factory=list)  # extra -o KEY=VALUE for every stage
