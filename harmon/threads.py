@@ -27,6 +27,16 @@ def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive_int, default=None, metavar="N", help=THREADS_HELP)
 
 
+def load_average() -> list[float] | None:
+    """The 1/5/15-minute load averages (None where the OS has none): speed figures depend on them."""
+    import os
+
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
 def apply_threads(threads: int | None) -> int:
     """Set torch's intra-op threads when ``threads`` is given; return the number in use."""
     import torch
@@ -36,4 +46,4 @@ def apply_threads(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
-__all__ = ["add_threads_argument", "apply_threads", "positive_int", "THREADS_HELP"]
+__all__ = ["add_threads_argument", "apply_threads", "load_average", "positive_int", "THREADS_HELP"]

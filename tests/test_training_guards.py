@@ -153,3 +153,23 @@ def test_two_cpu_processes_train_together_and_resume_exactly(shapes, tmp_path):
     assert worst <= 1e-6, f"resumed 2-process run differs from the uninterrupted one by {worst:.2e}"
     losses = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in losses] == [1, 2, 3]
+
+
+def test_shared_tensor_warning_is_explained_once_not_at_every_checkpoint(shapes, tmp_path, caplog):
+    import logging
+
+    from harmon.training.messages import ACCELERATE_LOGGER
+
+    caplog.set_level(logging.INFO)
+    overrides = {**TINY_RUN, "training.checkpoint_every": 1, "data.root": str(shapes), "output_dir": str(tmp_path)}
+    trainer = Trainer(load_config(SMOKE, overrides=overrides))
+    trainer.train()
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(list((tmp_path / "checkpoints").iterdir())) == 2
+    assert not [m for m in messages if "while saving" in m]  # accelerate's warning
+    notes = [m for m in messages if "tied weights once" in m]
+    assert len(notes) == 1 and "model.llm.lm_head.weight is model.llm.model.embed_tokens.weight" in notes[0]
+    # a shared tensor the model does not tie is still reported as accelerate reports it
+    caplog.clear()
+    logging.getLogger(ACCELERATE_LOGGER).warning("Removed shared tensor {'model.other.weight'} while saving. ...")
+    assert any("model.other.weight" in r.getMessage() for r in caplog.records)

@@ -53,6 +53,7 @@ from harmon.training.config import TASKS, TrainConfig, dump_config
 from harmon.training.data import MultiTaskDataset
 from harmon.training.export import export_model
 from harmon.training.guards import check_launch, check_output_dir, clear_previous_run
+from harmon.training.messages import explain_shared_tensors
 from harmon.training.modules import (
     HarmonTrainingModule,
     apply_freezing,
@@ -212,6 +213,7 @@ class Trainer:
             image_token=config.model.image_token,
         )
         self.module, self.optimizer, self.scheduler = accelerator.prepare(self.module, self.optimizer, self.scheduler)
+        explain_shared_tensors(accelerator.unwrap_model(self.module), logger)
         self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", training.keep_last)
         self.step = 0
         self.micro_step = 0
