@@ -106,11 +106,15 @@ def test_convert_the_original_fixture_reproduces_its_tensors(parity_dir, parity_
     assert_close(pipe.model.encode_image(t["vae.image"]), t["vae.tokens"], 1e-5, "vae.tokens")
     noises = [t[k] for k in sorted(k for k in t if k.startswith("e2e.noise."))]
     _, m, n, _ = t["vae.tokens"].shape
-    image = pipe.model.generate_images(
-        t["e2e.input_ids"], t["e2e.attention_mask"], image_shape=(m, n), num_steps=len(t["e2e.mask_len"]),
-        guidance_scale=3.0, guidance_schedule="linear", temperature=0.95,
-        random_source=ReplayRandomSource(t["e2e.orders"], noises),
-    )
+    stride = pipe.harmon.harmon.latent_stride
+    latents = pipe(
+        prompt_input_ids=t["e2e.input_ids"], prompt_attention_mask=t["e2e.attention_mask"], height=m * stride,
+        width=n * stride, num_inference_steps=len(t["e2e.mask_len"]), guidance_scale=3.0,
+        guidance_schedule="linear", temperature=0.95, random_source=ReplayRandomSource(t["e2e.orders"], noises),
+        output_type="latent",
+    ).images
+    with torch.no_grad():
+        image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
     assert_close(image, t["e2e.image"], DECODED_ATOL, "e2e.image")
     # the tokenizer came along from the LLM folder
     assert pipe.tokenizer.convert_tokens_to_ids("<image>") == 3 and pipe.tokenizer.eos_token == "<|im_end|>"

@@ -150,20 +150,32 @@ def test_mask_schedule_matches(parity_tensors):
     assert mask_schedule(seq_len, len(recorded)) == recorded
 
 
-def test_end_to_end_image_replays_recorded_randomness(model, parity_tensors):
+def test_end_to_end_image_replays_recorded_randomness(model, parity_dir, parity_tensors):
+    # through the pipeline's own MAR loop (HarmonPipeline.__call__), latents decoded by the pipeline's VAE
+    from transformers import AutoTokenizer
+
+    from harmon.pipelines import HarmonPipeline
+
     t = parity_tensors
     noises = [t[k] for k in sorted(k for k in t if k.startswith("e2e.noise."))]
     source = ReplayRandomSource(t["e2e.orders"], noises)
     m, n = _grid(t)
-    image = model.generate_images(
-        t["e2e.input_ids"],
-        t["e2e.attention_mask"],
-        image_shape=(m, n),
-        num_steps=len(t["e2e.mask_len"]),
+    stride = model.config.latent_stride
+    pipe = HarmonPipeline.from_model(model, AutoTokenizer.from_pretrained(str(parity_dir / "llm")))
+    pipe.set_progress_bar_config(disable=True)
+    latents = pipe(
+        prompt_input_ids=t["e2e.input_ids"],
+        prompt_attention_mask=t["e2e.attention_mask"],
+        height=m * stride,
+        width=n * stride,
+        num_inference_steps=len(t["e2e.mask_len"]),
         guidance_scale=3.0,
         guidance_schedule="linear",
         temperature=0.95,
         random_source=source,
-    )
+        output_type="latent",
+    ).images
     assert source.exhausted, f"used {source.position} of {len(noises)} recorded draws"
+    with torch.no_grad():
+        image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
     check(image, t["e2e.image"], "e2e.image", atol=DECODED_ATOL)
