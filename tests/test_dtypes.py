@@ -37,10 +37,10 @@ DTYPES = [
     pytest.param(torch.bfloat16, id="bfloat16"),
     pytest.param(torch.float16, id="float16", marks=[
         pytest.mark.skipif(_half_supported() is not None, reason=str(_half_supported())),
-        # Measured: float16 latents overflow in the diffusion head (the plain sampler gives NaN, the exact one
-        # |x| ≈ 6e4): the predicted x₀ = x/√ᾱ − … with 1/√ᾱ ≈ 2·10⁴ at t≈999 exceeds float16's 65504. ADM does
-        # that arithmetic in float32 (its table lookup calls .float()); the head casts the tables to the
-        # sample's dtype. A head fix (harmon/heads/, owned by the redesign branch) turns these into passes.
+        # Measured: float16 latents overflow in the diffusion head's ancestral step (every sampler gives NaN): the
+        # predicted x₀ = x/√ᾱ − … with 1/√ᾱ ≈ 2·10⁴ at t≈999 exceeds float16's 65504. ADM does that arithmetic in
+        # float32 (its table lookup calls .float()); harmon.schedulers.ADMScheduler casts its float64 tables to the
+        # sample's dtype. A fix there (owned by the redesign branch) turns these into passes (strict xfail).
         pytest.mark.xfail(reason="float16 overflows in the diffusion head's x0 prediction", strict=True),
     ]),
 ]
