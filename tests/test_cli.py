@@ -15,9 +15,8 @@ from harmon.pipelines import HarmonPipeline
 from harmon.randomness import ReplayRandomSource
 from harmon.testing import tiny_model, tiny_tokenizer
 
-from conftest import assert_close
+from conftest import assert_close, parity_readme, recorded_image_token_id
 
-DECODED_ATOL = 3e-5  # see tests/test_parity.py
 
 
 @pytest.fixture(scope="module")
@@ -111,11 +110,16 @@ def test_convert_the_original_fixture_reproduces_its_tensors(parity_dir, parity_
         guidance_scale=3.0, guidance_schedule="linear", temperature=0.95,
         random_source=ReplayRandomSource(t["e2e.orders"], noises),
     )
-    assert_close(image, t["e2e.image"], DECODED_ATOL, "e2e.image")
+    assert_close(image, t["e2e.image"], 1e-5, "e2e.image")  # as tests/test_parity.py
     # the tokenizer came along from the LLM folder
-    assert pipe.tokenizer.convert_tokens_to_ids("<image>") == 3 and pipe.tokenizer.eos_token == "<|im_end|>"
+    from transformers import AutoTokenizer
+
+    folder_tokenizer = AutoTokenizer.from_pretrained(str(parity_dir / "llm"))
+    assert pipe.tokenizer.get_vocab() == folder_tokenizer.get_vocab()
+    assert pipe.tokenizer.eos_token == folder_tokenizer.eos_token
     with torch.no_grad():
         logits = pipe.llm(inputs_embeds=pipe.model.splice_image_embeddings(
-            t["und.input_ids"], pipe.model.image_embeddings(t["vae.image"]), pipe.llm.config.vocab_size - 1
+            t["und.input_ids"], pipe.model.image_embeddings(t["vae.image"]),
+            recorded_image_token_id(parity_readme(parity_dir), t, pipe.llm.config.vocab_size)
         )).logits[:, -1]
     assert_close(logits, t["und.last_logits"], 1e-5, "und.last_logits")
