@@ -38,7 +38,7 @@ def test_every_original_key_is_converted_or_deliberately_ignored(original_state)
 
 def test_missing_key_is_named(parity_dir, original_state, tmp_path):
     del original_state["mar.encoder_blocks.0.attn.qkv.weight"]
-    with pytest.raises(CheckpointKeyError, match=r"missing keys: encoder\.blocks\.0\.attn\.qkv\.weight"):
+    with pytest.raises(CheckpointKeyError, match=r"missing keys \(1\): mar\.encoder_blocks\.0\.attn\.qkv\.weight"):
         _load(parity_dir, _save(tmp_path, original_state))
 
 
@@ -48,13 +48,13 @@ def test_unexpected_keys_are_named(parity_dir, original_state, tmp_path):
     with pytest.raises(CheckpointKeyError, match="something.else"):
         _load(parity_dir, _save(tmp_path, original_state))
     del original_state["something.else"]
-    with pytest.raises(CheckpointKeyError, match=r"unexpected keys: mar\.encoder_blocks\.0\.attn\.extra"):
+    with pytest.raises(CheckpointKeyError, match=r"unexpected keys \(1\): mar\.encoder_blocks\.0\.attn\.extra"):
         _load(parity_dir, _save(tmp_path, original_state))
 
 
 def test_misshaped_key_is_named_with_shapes(parity_dir, original_state, tmp_path):
     original_state["proj_in.0.weight"] = torch.zeros(3, 3)
-    with pytest.raises(CheckpointKeyError, match=r"mis-shaped keys: proj_in\.0\.weight \(3, 3\)"):
+    with pytest.raises(CheckpointKeyError, match=r"mis-shaped keys \(1\): proj_in\.0\.weight \(3, 3\)"):
         _load(parity_dir, _save(tmp_path, original_state))
 
 

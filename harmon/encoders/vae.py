@@ -43,7 +43,7 @@ from einops import rearrange
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from torch import Tensor, nn
 
-from harmon.checkpoints import CheckpointKeyError, read_state_dict
+from harmon.checkpoints import CheckpointKeyError, read_state_dict, summarise_names
 from harmon.encoders.common import (
     IDENTITY_MEAN_STD,
     ConfiguredPixelPreprocessing,
@@ -289,7 +289,7 @@ def convert_ldm_autoencoder_state_dict(
         if tuple(v.shape) != tuple(reference[k].shape)
     ]
     problems = [
-        f"{label} ({len(keys)}): {', '.join(keys)}"
+        f"{label} ({len(keys)}): {summarise_names(keys)}"
         for label, keys in (
             ("missing", missing),
             ("unexpected", unexpected),
