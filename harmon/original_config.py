@@ -237,8 +237,11 @@ class OriginalMARConfig(BaseModel):
     @field_validator("norm_layer")
     @classmethod
     def _norm_layer(cls, value: Any) -> Any:
-        if value is not None:
-            _layer_norm_eps(value)
+        if value is not None and _layer_norm_eps(value) != _FACTORY_EPS:
+            # the original's z_proj_ln is always eps 1e-6 while its blocks take norm_layer; this library's MAR has
+            # one eps for both, so only the released factories' 1e-6 converts exactly
+            raise ValueError(f"LayerNorm eps {_layer_norm_eps(value)} is not supported (only 1e-6, as mar_base / "
+                             "mar_large / mar_huge)")
         return value
 
     @model_validator(mode="before")
@@ -348,6 +351,9 @@ class OriginalHarmonConfig(BaseModel):
 
 
 _SECTIONS = {"mar": "the MAR constructor arguments", "vae": "the AutoencoderKL arguments"}
+_CONSTRUCTORS = {"": "Harmon model dict", "mar": "MAR.__init__", "vae": "AutoencoderKL",
+                 "llm": "llm dict (AutoModelForCausalLM.from_pretrained)",
+                 "tokenizer": "tokenizer dict (AutoTokenizer.from_pretrained)"}
 
 
 def _explain(error: ValidationError, source: str) -> OriginalConfigError:
@@ -359,10 +365,12 @@ def _explain(error: ValidationError, source: str) -> OriginalConfigError:
         elif item["type"] == "missing":
             lines.append(f"{where}: missing")
         elif item["type"] == "extra_forbidden":
-            lines.append(f"{where}: not an argument of the original constructor")
+            section = str(item["loc"][0]) if len(item["loc"]) > 1 else ""
+            lines.append(f"{where}: not an argument of the original {_CONSTRUCTORS.get(section, 'constructor')}")
         else:
             message = item["msg"].removeprefix("Value error, ")
-            lines.append(f"{where}: {message} (got {item['input']!r})" if "input" in item else f"{where}: {message}")
+            scalar = "input" in item and not isinstance(item["input"], (dict, list, tuple))
+            lines.append(f"{where}: {message} (got {item['input']!r})" if scalar else f"{where}: {message}")
     return OriginalConfigError(f"original config {source}: " + "; ".join(lines))
 
 
