@@ -119,3 +119,21 @@ def recorded_image_token_id(readme: dict, tensors: dict[str, torch.Tensor], voca
     count = int((tensors["und.input_ids"] == image_id).sum())
     assert count == visual, f"placeholder id {image_id} fills {count} positions of und.input_ids, expected {visual}"
     return image_id
+
+
+def parity_files(parity_dir: Path) -> dict[str, Path]:
+    """The fixture's release files by role, as its README.json lists them (``files``): the Harmon checkpoint
+    (``*.pth``), the VAE checkpoint (``*.ckpt``), the LLM folder (``*/``) and the original config (``*.json``)."""
+    listed = parity_readme(parity_dir)["files"]
+    roles = {"harmon": ".pth", "vae": ".ckpt", "llm": "/", "config": ".json"}
+    found = {}
+    for role, ending in roles.items():
+        names = [name for name in listed if name.endswith(ending)]
+        assert len(names) == 1, f"README.json files: expected one {ending} entry for the {role}, got {names}"
+        found[role] = parity_dir / names[0].rstrip("/")
+    return found
+
+
+@pytest.fixture(scope="session")
+def fixture_files(parity_dir: Path) -> dict[str, Path]:
+    return parity_files(parity_dir)

@@ -15,7 +15,7 @@ from harmon.pipelines import HarmonPipeline
 from harmon.randomness import ReplayRandomSource
 from harmon.testing import tiny_model, tiny_tokenizer
 
-from conftest import assert_close, parity_readme, recorded_image_token_id
+from conftest import assert_close, parity_readme, recorded_argument, recorded_image_token_id
 
 
 
@@ -90,10 +90,11 @@ def test_errors_are_reported_not_raised(pipeline_dir, tmp_path, capsys):
         read_prompts(None, str(bad))
 
 
-def test_convert_the_original_fixture_reproduces_its_tensors(parity_dir, parity_tensors, original_config, tmp_path):
+def test_convert_the_original_fixture_reproduces_its_tensors(fixture_files, parity_dir, parity_tensors, original_config,
+                                                             tmp_path):
     out = tmp_path / "converted"
-    assert main(["convert", "--harmon", str(parity_dir / "harmon_tiny.pth"), "--vae", str(parity_dir / "kl16_tiny.ckpt"),
-                 "--llm", str(parity_dir / "llm"), "--config", str(parity_dir / "original_config.json"),
+    assert main(["convert", "--harmon", str(fixture_files["harmon"]), "--vae", str(fixture_files["vae"]),
+                 "--llm", str(fixture_files["llm"]), "--config", str(fixture_files["config"]),
                  "--out", str(out)]) == 0
     written = json.loads((out / "original_config.json").read_text())
     assert written["vae"] == original_config["vae"] and written["vae_scale"] == original_config["vae_scale"]
@@ -103,23 +104,26 @@ def test_convert_the_original_fixture_reproduces_its_tensors(parity_dir, parity_
     pipe = HarmonPipeline.from_pretrained(out)
     t = parity_tensors
     assert_close(pipe.model.encode_image(t["vae.image"]), t["vae.tokens"], 1e-5, "vae.tokens")
+    readme = parity_readme(parity_dir)
     noises = [t[k] for k in sorted(k for k in t if k.startswith("e2e.noise."))]
     _, m, n, _ = t["vae.tokens"].shape
     image = pipe.model.generate_images(
         t["e2e.input_ids"], t["e2e.attention_mask"], image_shape=(m, n), num_steps=len(t["e2e.mask_len"]),
-        guidance_scale=3.0, guidance_schedule="linear", temperature=0.95,
+        guidance_scale=float(recorded_argument(readme, "e2e.*", "cfg")),
+        guidance_schedule=recorded_argument(readme, "e2e.*", "cfg_schedule"),
+        temperature=float(recorded_argument(readme, "e2e.*", "temperature")),
         random_source=ReplayRandomSource(t["e2e.orders"], noises),
     )
     assert_close(image, t["e2e.image"], 1e-5, "e2e.image")  # as tests/test_parity.py
     # the tokenizer came along from the LLM folder
     from transformers import AutoTokenizer
 
-    folder_tokenizer = AutoTokenizer.from_pretrained(str(parity_dir / "llm"))
+    folder_tokenizer = AutoTokenizer.from_pretrained(str(fixture_files["llm"]))
     assert pipe.tokenizer.get_vocab() == folder_tokenizer.get_vocab()
     assert pipe.tokenizer.eos_token == folder_tokenizer.eos_token
     with torch.no_grad():
         logits = pipe.llm(inputs_embeds=pipe.model.splice_image_embeddings(
             t["und.input_ids"], pipe.model.image_embeddings(t["vae.image"]),
-            recorded_image_token_id(parity_readme(parity_dir), t, pipe.llm.config.vocab_size)
+            recorded_image_token_id(readme, t, pipe.llm.config.vocab_size)
         )).logits[:, -1]
     assert_close(logits, t["und.last_logits"], 1e-5, "und.last_logits")

@@ -11,17 +11,17 @@ from harmon.checkpoints import CheckpointKeyError, read_state_dict
 from harmon.conversion import convert_original_harmon_state_dict, load_original_harmon
 from harmon.randomness import GeneratorRandomSource, ReplayRandomSource
 
+from conftest import parity_files
+
 
 def _load(parity_dir, harmon_checkpoint):
-    return load_original_harmon(
-        harmon_checkpoint, parity_dir / "kl16_tiny.ckpt", parity_dir / "llm",
-        original_config=parity_dir / "original_config.json",
-    )
+    files = parity_files(parity_dir)
+    return load_original_harmon(harmon_checkpoint, files["vae"], files["llm"], original_config=files["config"])
 
 
 @pytest.fixture
-def original_state(parity_dir):
-    return read_state_dict(parity_dir / "harmon_tiny.pth")
+def original_state(fixture_files):
+    return read_state_dict(fixture_files["harmon"])
 
 
 def _save(tmp_path, state):
@@ -64,16 +64,16 @@ def test_untied_lm_head_is_refused_when_the_config_ties_it(parity_dir, original_
         _load(parity_dir, _save(tmp_path, original_state))
 
 
-def test_checkpoint_weights_win_over_the_llm_folder(parity_dir, original_state):
-    model = _load(parity_dir, parity_dir / "harmon_tiny.pth")
+def test_checkpoint_weights_win_over_the_llm_folder(fixture_files, parity_dir, original_state):
+    model = _load(parity_dir, fixture_files["harmon"])
     assert torch.equal(model.llm.model.embed_tokens.weight, original_state["llm.model.embed_tokens.weight"])
 
 
-def test_nonexistent_paths_are_named(parity_dir, tmp_path):
+def test_nonexistent_paths_are_named(fixture_files, parity_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         _load(parity_dir, tmp_path / "nope.pth")
     with pytest.raises(FileNotFoundError, match="config.json"):
-        load_original_harmon(parity_dir / "harmon_tiny.pth", parity_dir / "kl16_tiny.ckpt", tmp_path, preset="tiny")
+        load_original_harmon(fixture_files["harmon"], fixture_files["vae"], tmp_path, preset="tiny")
 
 
 def test_a_file_that_is_not_a_checkpoint(tmp_path):
@@ -94,9 +94,9 @@ def test_pickled_code_is_not_executed(tmp_path):
         read_state_dict(path)
 
 
-def test_exactly_one_architecture_source(parity_dir):
+def test_exactly_one_architecture_source(fixture_files):
     with pytest.raises(ValueError, match="exactly one"):
-        load_original_harmon(parity_dir / "harmon_tiny.pth", parity_dir / "kl16_tiny.ckpt", parity_dir / "llm")
+        load_original_harmon(fixture_files["harmon"], fixture_files["vae"], fixture_files["llm"])
 
 
 def test_replay_source_refuses_a_wrong_shape_and_running_out():

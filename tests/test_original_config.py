@@ -215,50 +215,49 @@ def test_what_the_original_refuses_or_this_library_cannot_convert_is_named(tmp_p
 
 
 def test_a_json_config_with_the_constructors_full_argument_lists_converts_the_fixture(
-    parity_dir, parity_tensors, original_config, tmp_path
+    fixture_files, parity_tensors, original_config, tmp_path
 ):
     """Every argument of MAR.__init__, AutoencoderKL and the Harmon model dict under its original name."""
     data = json.loads(json.dumps(original_config))
     data["type"] = "src.models.harmon.Harmon"
     data["mar"].update(type="MAR", norm_layer={"type": "LayerNorm", "eps": 1e-6})
-    data["vae"].update(type="AutoencoderKL", use_variational=True, ckpt_path=str(parity_dir / "kl16_tiny.ckpt"))
-    data["llm"] = dict(type="AutoModelForCausalLM.from_pretrained", pretrained_model_name_or_path=str(parity_dir / "llm"),
+    data["vae"].update(type="AutoencoderKL", use_variational=True, ckpt_path=str(fixture_files["vae"]))
+    data["llm"] = dict(type="AutoModelForCausalLM.from_pretrained", pretrained_model_name_or_path=str(fixture_files["llm"]),
                        torch_dtype="torch.float32", attn_implementation="eager")
-    data["tokenizer"] = dict(type="AutoTokenizer.from_pretrained", pretrained_model_name_or_path=str(parity_dir / "llm"),
+    data["tokenizer"] = dict(type="AutoTokenizer.from_pretrained", pretrained_model_name_or_path=str(fixture_files["llm"]),
                              trust_remote_code=True, padding_side="right")
-    model = load_original_harmon(parity_dir / "harmon_tiny.pth", original_config=_json(tmp_path, data))
+    model = load_original_harmon(fixture_files["harmon"], original_config=_json(tmp_path, data))
     t = parity_tensors
     assert_close(model.encode_image(t["vae.image"]), t["vae.tokens"], 1e-5, "vae.tokens")
     with torch.no_grad():
         assert_close(model.visual_features(t["vae.tokens"])[0], t["und.x_enc"], 1e-5, "und.x_enc")
 
 
-def _fixture_as_a_release(parity_dir, tmp_path, original_config):
-    """The public fixture laid out as a user of the release has it: a ``.py`` model config beside the
-    checkpoints, naming them relatively (VAE ``ch`` not stated: read from the checkpoint)."""
-    for name in ("harmon_tiny.pth", "kl16_tiny.ckpt"):
-        os.symlink(parity_dir / name, tmp_path / name)
-    os.symlink(parity_dir / "llm", tmp_path / "llm")
-    mar = original_config["mar"]
-    lines = [f"             {key}={value!r}," for key, value in mar.items()]
+def _fixture_as_a_release(fixture_files, tmp_path, original_config):
+    """The public fixture laid out as a user of the release has it: the checkpoints and the LLM folder under
+    ``tmp_path``, a ``.py`` model config in ``configs/`` naming them relatively (VAE ``ch`` not stated: it is read
+    from the checkpoint). Returns the config's path."""
+    for role, name in (("harmon", "harmon.pth"), ("vae", "kl16.ckpt"), ("llm", "llm")):
+        os.symlink(fixture_files[role], tmp_path / name)
+    lines = [f"             {key}={value!r}," for key, value in original_config["mar"].items()]
     lines.append("             norm_layer=partial(nn.LayerNorm, eps=1e-6),")
-    text = RELEASE_CONFIG.format(factory="MAR", llm="llm", vae="kl16_tiny.ckpt", mar="\n".join(lines))
+    text = RELEASE_CONFIG.format(factory="MAR", llm="../llm", vae="../kl16.ckpt", mar="\n".join(lines))
     text = text.replace("import torch\n", "import torch\nfrom functools import partial\nimport torch.nn as nn\n", 1)
     text = text.replace("ch_mult=(1, 1, 2, 2, 4)", f"ch_mult={tuple(original_config['vae']['ch_mult'])!r}")
     text = text.replace("vae_scale=0.2325", f"vae_scale={original_config['vae_scale']!r}")
-    path = tmp_path / "configs" / "harmon_tiny.py"
+    path = tmp_path / "configs" / "release_tiny.py"
     path.parent.mkdir()
-    path.write_text(text.replace("'kl16_tiny.ckpt'", "'../kl16_tiny.ckpt'").replace("'llm'", "'../llm'"))
+    path.write_text(text)
     return path
 
 
-def test_convert_from_a_python_config_alone_reproduces_the_fixture(parity_dir, parity_tensors, original_config,
-                                                                    tmp_path):
-    config = _fixture_as_a_release(parity_dir, tmp_path, original_config)
+def test_convert_from_a_python_config_alone_reproduces_the_fixture(fixture_files, parity_dir, parity_tensors,
+                                                                    original_config, tmp_path):
+    config = _fixture_as_a_release(fixture_files, tmp_path, original_config)
     assert "ch" not in read_original_config(config).model.vae.model_fields_set
     out = tmp_path / "converted"
     # no --vae / --llm: the config names them (relative to the config file)
-    assert main(["convert", "--harmon", str(tmp_path / "harmon_tiny.pth"), "--config", str(config),
+    assert main(["convert", "--harmon", str(tmp_path / "harmon.pth"), "--config", str(config),
                  "--out", str(out)]) == 0
     from harmon.pipelines import HarmonPipeline
 
@@ -281,28 +280,28 @@ def test_convert_from_a_python_config_alone_reproduces_the_fixture(parity_dir, p
     assert to_harmon_config(written, pipe.llm.config) == pipe.model.config
 
 
-def test_paths_the_config_names_must_exist(parity_dir, original_config, tmp_path, monkeypatch):
-    config = _fixture_as_a_release(parity_dir, tmp_path, original_config)
-    os.unlink(tmp_path / "kl16_tiny.ckpt")
-    with pytest.raises(FileNotFoundError, match=r"vae\.ckpt_path '\.\./kl16_tiny\.ckpt' named in .*harmon_tiny\.py"):
-        load_original_harmon(tmp_path / "harmon_tiny.pth", original_config=config)
+def test_paths_the_config_names_must_exist(fixture_files, original_config, tmp_path, monkeypatch):
+    config = _fixture_as_a_release(fixture_files, tmp_path, original_config)
+    os.unlink(tmp_path / "kl16.ckpt")
+    with pytest.raises(FileNotFoundError, match=r"vae\.ckpt_path '\.\./kl16\.ckpt' named in .*release_tiny\.py"):
+        load_original_harmon(tmp_path / "harmon.pth", original_config=config)
     # a hub id is not downloaded: offline, the error says to download it and pass --llm
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     hub = _release_config(tmp_path, "qwen2_5_1_5b_kl16_mar_h.py")
     with pytest.raises(OSError, match=r"Qwen/Qwen2\.5-1\.5B-Instruct.*--llm <folder>.*HF_HUB_OFFLINE"):
-        load_original_harmon(tmp_path / "harmon_tiny.pth", parity_dir / "kl16_tiny.ckpt", original_config=hub)
+        load_original_harmon(tmp_path / "harmon.pth", fixture_files["vae"], original_config=hub)
     with pytest.raises(ValueError, match=r"vae_checkpoint \(--vae\) is required"):
-        load_original_harmon(tmp_path / "harmon_tiny.pth", None, parity_dir / "llm", preset="tiny")
+        load_original_harmon(tmp_path / "harmon.pth", None, fixture_files["llm"], preset="tiny")
     with pytest.raises(SystemExit, match="--preset needs --vae and --llm"):
         main(["convert", "--harmon", "h.pth", "--preset", "harmon-0.5b", "--out", str(tmp_path / "o")])
 
 
-def test_a_released_config_on_tiny_checkpoints_says_what_differs(parity_dir, tmp_path):
+def test_a_released_config_on_tiny_checkpoints_says_what_differs(fixture_files, tmp_path):
     """The 1.5B config pointed at small checkpoints: a short error with the sizes each side has."""
-    config = _release_config(tmp_path, "qwen2_5_1_5b_kl16_mar_h.py", vae=str(parity_dir / "kl16_tiny.ckpt"))
-    shutil.copy(parity_dir / "harmon_tiny.pth", tmp_path / "h.pth")
+    config = _release_config(tmp_path, "qwen2_5_1_5b_kl16_mar_h.py", vae=str(fixture_files["vae"]))
+    shutil.copy(fixture_files["harmon"], tmp_path / "h.pth")
     with pytest.raises(CheckpointKeyError) as caught:
-        load_original_harmon(tmp_path / "h.pth", llm_folder=parity_dir / "llm", original_config=config)
+        load_original_harmon(tmp_path / "h.pth", llm_folder=fixture_files["llm"], original_config=config)
     message = str(caught.value)
     assert len(message) < 2000, len(message)
     assert "mis-shaped keys (" in message and "more)" in message

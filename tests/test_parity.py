@@ -17,7 +17,7 @@ from harmon.conversion import load_original_harmon
 from harmon.model import mask_schedule
 from harmon.randomness import ReplayRandomSource
 
-from conftest import assert_close, parity_readme, recorded_argument, recorded_image_token_id, relative_scale
+from conftest import assert_close, parity_files, parity_readme, recorded_argument, recorded_image_token_id, relative_scale
 
 TOL = 1e-5
 # The schedule arrays are float64 in both implementations: computed the same way they agree to float64 round-off.
@@ -45,12 +45,8 @@ def readme(parity_dir):
 @pytest.fixture(scope="module")
 def model(parity_dir):
     torch.manual_seed(0)
-    return load_original_harmon(
-        parity_dir / "harmon_tiny.pth",
-        parity_dir / "kl16_tiny.ckpt",
-        parity_dir / "llm",
-        original_config=parity_dir / "original_config.json",
-    )
+    files = parity_files(parity_dir)
+    return load_original_harmon(files["harmon"], files["vae"], files["llm"], original_config=files["config"])
 
 
 def _grid(t: dict[str, torch.Tensor]) -> tuple[int, int]:
