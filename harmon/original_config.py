@@ -444,6 +444,16 @@ def vae_sizes_from_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, 
     return sizes
 
 
+def kl_autoencoder_fields(vae: OriginalVAEConfig, state_dict: dict[str, torch.Tensor] | None = None) -> dict:
+    """The :class:`~harmon.encoders.vae.KLAutoencoderConfig` fields of an original ``vae`` dict: those it states,
+    then sizes read from the checkpoint's ``state_dict`` (when given); the rest keep the released kl16's values."""
+    fields = {k: v for k, v in vae.model_dump(exclude={"type", "use_variational", "ckpt_path"}).items()
+              if v is not None}
+    for key, value in vae_sizes_from_state_dict(state_dict or {}).items():
+        fields.setdefault(key, value)
+    return fields
+
+
 def to_harmon_config(config: OriginalConfig | OriginalHarmonConfig, llm_config: Any | None = None,
                      vae_state_dict: dict[str, torch.Tensor] | None = None):
     """The :class:`~harmon.configs.HarmonConfig` of an original config (and the LLM's transformers config for the
@@ -452,11 +462,7 @@ def to_harmon_config(config: OriginalConfig | OriginalHarmonConfig, llm_config: 
     from harmon.encoders.vae import KLAutoencoderConfig
 
     original = config.model if isinstance(config, OriginalConfig) else config
-    mar, vae = original.mar, original.vae
-    vae_fields = {k: v for k, v in vae.model_dump(exclude={"type", "use_variational", "ckpt_path"}).items()
-                  if v is not None}
-    for key, value in vae_sizes_from_state_dict(vae_state_dict or {}).items():
-        vae_fields.setdefault(key, value)
+    mar = original.mar
     grid = mar.img_size // mar.vae_stride // mar.patch_size
     common = dict(mlp_ratio=float(mar.mlp_ratio), attn_dropout=float(mar.attn_dropout),
                   proj_dropout=float(mar.proj_dropout), buffer_size=mar.buffer_size, base_grid=(grid, grid),
@@ -472,7 +478,7 @@ def to_harmon_config(config: OriginalConfig | OriginalHarmonConfig, llm_config: 
         head=ComponentSpec(name="mlp-adaln", config=dict(
             token_dim=token_dim, cond_dim=mar.decoder_embed_dim, width=mar.diffloss_w, depth=mar.diffloss_d,
             num_sampling_steps=int(mar.num_sampling_steps), diffusion_batch_mul=mar.diffusion_batch_mul)),
-        vae=KLAutoencoderConfig(**vae_fields),
+        vae=KLAutoencoderConfig(**kl_autoencoder_fields(original.vae, vae_state_dict)),
         vae_scale=float(original.vae_scale),
         vae_stride=mar.vae_stride,
         patch_size=mar.patch_size,
@@ -498,5 +504,6 @@ __all__ = [
     "read_python_config",
     "resolve_named_path",
     "to_harmon_config",
+    "kl_autoencoder_fields",
     "vae_sizes_from_state_dict",
 ]
