@@ -32,6 +32,8 @@ from typing import Annotated, Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
+from harmon.configs import PromptTemplate
+
 Int = Annotated[int, Strict()]
 Float = Annotated[float, Strict()]  # strict float: ints are accepted, strings and bools are not
 Bool = Annotated[bool, Strict()]
@@ -241,12 +243,15 @@ class OriginalMARConfig(BaseModel):
             # the original's z_proj_ln is always eps 1e-6 while its blocks take norm_layer; this library's MAR has
             # one eps for both, so only the released factories' 1e-6 converts exactly
             raise ValueError(f"LayerNorm eps {_layer_norm_eps(value)} is not supported (only 1e-6, as mar_base / "
-                             "mar_large / mar_huge)")
+                             "mar_large / mar_huge; type=MAR without norm_layer means MAR.__init__'s nn.LayerNorm, "
+                             "eps 1e-5)")
         return value
 
     @model_validator(mode="before")
     @classmethod
     def _factory_fixes_its_arguments(cls, data: Any) -> Any:
+        if isinstance(data, dict) and _last_name(data.get("type")) == "MAR" and "norm_layer" not in data:
+            return {**data, "norm_layer": "nn.LayerNorm"}  # MAR.__init__'s own default (eps 1e-5), stated
         if not isinstance(data, dict) or _last_name(data.get("type")) not in MAR_FACTORIES:
             return data
         name = _last_name(data["type"])
@@ -332,7 +337,7 @@ class OriginalHarmonConfig(BaseModel):
     vae_scale: Float = Field(0.2325, gt=0)
     llm: OriginalLLMConfig | None = None
     tokenizer: OriginalTokenizerConfig | None = None
-    prompt_template: dict[str, Any] | None = None
+    prompt_template: PromptTemplate | None = None  # None: xtuner's qwen_chat, the library's default
 
     @field_validator("type", mode="before")
     @classmethod
@@ -458,7 +463,7 @@ def to_harmon_config(config: OriginalConfig | OriginalHarmonConfig, llm_config: 
                      vae_state_dict: dict[str, torch.Tensor] | None = None):
     """The :class:`~harmon.configs.HarmonConfig` of an original config (and the LLM's transformers config for the
     backbone shape; the VAE checkpoint's state dict for sizes the config does not state)."""
-    from harmon.configs import ComponentSpec, HarmonConfig, PromptTemplate, qwen_fields_from_transformers
+    from harmon.configs import ComponentSpec, HarmonConfig, qwen_fields_from_transformers
     from harmon.encoders.vae import KLAutoencoderConfig
 
     original = config.model if isinstance(config, OriginalConfig) else config
@@ -486,7 +491,7 @@ def to_harmon_config(config: OriginalConfig | OriginalHarmonConfig, llm_config: 
         mask_ratio_min=float(mar.mask_ratio_min),
     )
     if original.prompt_template is not None:
-        data["prompt_template"] = PromptTemplate(**original.prompt_template)
+        data["prompt_template"] = original.prompt_template
     if llm_config is not None:
         data["backbone"] = ComponentSpec(name="qwen2", config=qwen_fields_from_transformers(llm_config))
     return HarmonConfig(**data)

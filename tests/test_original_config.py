@@ -209,6 +209,9 @@ def test_what_the_original_refuses_or_this_library_cannot_convert_is_named(tmp_p
     refused("mar", "type", "mar_gigantic", r"mar\.type: unknown MAR constructor 'mar_gigantic'")
     refused("mar", "norm_layer", {"type": "LayerNorm", "eps": 1e-5}, r"mar\.norm_layer: LayerNorm eps 1e-05")
     refused("mar", "norm_layer", "BatchNorm2d", r"mar\.norm_layer: norm_layer must be a LayerNorm")
+    refused("mar", "type", "MAR", r"mar\.norm_layer: LayerNorm eps 1e-05 .*type=MAR without norm_layer")
+    with pytest.raises(OriginalConfigError, match=r"prompt_template\.SYSTEMS: not an argument"):
+        read_original_config({**original_config, "prompt_template": {"SYSTEMS": "x"}})
     refused("vae", "type", "VQModel", r"vae\.type: the VAE must be the original AutoencoderKL")
     with pytest.raises(OriginalConfigError, match="unknown prompt template 'PROMPT_TEMPLATE.llama3'"):
         read_original_config({**original_config, "prompt_template": "PROMPT_TEMPLATE.llama3"})

@@ -210,11 +210,16 @@ def test_unconditional_rows_take_the_conditional_tokens_after_every_step():
     pipe.set_progress_bar_config(disable=True)
     seen, handle = _record_encoder_inputs(pipe.harmon.encoder)
     steps: list[int] = []
+
+    def on_step_end(pipeline, step, total, callback_kwargs):
+        steps.append(step)
+        return callback_kwargs  # diffusers' contract: hand the state back unchanged
+
     size = pipe.model.config.image_size
     try:
         pipe(["a red square", "a blue circle"], num_inference_steps=4, guidance_scale=3.0, height=size, width=size,
              generator=torch.Generator().manual_seed(0), output_type="latent", sampler="plain",
-             callback_on_step_end=lambda p, step, total, state: steps.append(step))
+             callback_on_step_end=on_step_end)
     finally:
         handle.remove()
     assert steps == [0, 1, 2, 3] and len(seen) == 4, (steps, len(seen))
