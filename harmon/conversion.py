@@ -142,13 +142,16 @@ def load_original_harmon(
         raise ValueError("give exactly one of original_config and preset")
     config_source, vae_checkpoint, llm_folder = resolve_original_files(vae_checkpoint, llm_folder, original_config)
     llm_config = load_qwen_config(llm_folder, attn_implementation)
-    vae_original = read_state_dict(vae_checkpoint)
+    original, vae_original = read_state_dict(harmon_checkpoint), read_state_dict(vae_checkpoint)  # before building
     if config_source is not None:
         config = to_harmon_config(config_source, llm_config, vae_state_dict=vae_original)
     else:
         config = HarmonConfig.from_preset(
             preset, backbone=ComponentSpec(name="qwen2", config=qwen_fields_from_transformers(llm_config))
         )
+    _check_sizes(original, vae_original, config,
+                 f"preset {preset!r}" if preset is not None else f"the original config {config_source.source}",
+                 f"{harmon_checkpoint} + {vae_checkpoint}", preset)
     model = HarmonModel(
         config,
         vae=build_kl_autoencoder(config.vae),
@@ -157,28 +160,17 @@ def load_original_harmon(
         head=config.head.build(HEADS),
         llm=qwen_from_config(llm_config),
     )
-    original = read_state_dict(harmon_checkpoint)
-    architecture = f"preset {preset!r}" if preset is not None else f"the original config {config_source.source}"
+    state_dict, names = convert_original_harmon_state_dict(original)
+    _check_tied_embeddings(state_dict, bool(llm_config.tie_word_embeddings))
     try:
-        state_dict, names = convert_original_harmon_state_dict(original)
-        _check_tied_embeddings(state_dict, bool(llm_config.tie_word_embeddings))
-        try:
-            vae_state = convert_ldm_kl_state_dict(vae_original, config.vae)
-        except CheckpointKeyError as error:
-            raise CheckpointKeyError(f"{vae_checkpoint}: {error}") from None
-        for key, value in vae_state.items():
-            state_dict["vae." + key] = value
-        # every key the model expects, by its original name (for the missing ones)
-        names = {**{key: original_harmon_key(key) for key in model.state_dict()}, **names}
-        load_state_dict_strict(model, state_dict, f"{harmon_checkpoint} + {vae_checkpoint}", names)
+        vae_state = convert_ldm_kl_state_dict(vae_original, config.vae)
     except CheckpointKeyError as error:
-        held, expected = original_sizes(original, vae_original), _config_sizes(config)
-        if all(held.get(key) == value for key, value in expected.items()):
-            raise  # the sizes agree: the named keys are the whole story
-        raise CheckpointKeyError(  # another architecture: say which sizes differ and what fits
-            f"{error}\n{describe_original_checkpoints(original, vae_original)}; {architecture} expects "
-            f"{describe_harmon_config(config)}. {likely_architecture(original, vae_original, preset)}"
-        ) from None
+        raise CheckpointKeyError(f"{vae_checkpoint}: {error}") from None
+    for key, value in vae_state.items():
+        state_dict["vae." + key] = value
+    # every key the model expects, by its original name (for the missing ones)
+    names = {**{key: original_harmon_key(key) for key in model.state_dict()}, **names}
+    load_state_dict_strict(model, state_dict, f"{harmon_checkpoint} + {vae_checkpoint}", names)
     return model.eval()
 
 
@@ -208,8 +200,9 @@ def original_harmon_key(key: str) -> str:
     return key
 
 
-def _blocks(state_dict: dict[str, torch.Tensor], prefix: str) -> int:
-    return len({key[len(prefix):].split(".")[0] for key in state_dict if key.startswith(prefix)})
+def _blocks(state_dict: dict[str, torch.Tensor], prefix: str) -> int | None:
+    """How many numbered blocks under ``prefix`` (None when there are none: absent, not zero-deep)."""
+    return len({key[len(prefix):].split(".")[0] for key in state_dict if key.startswith(prefix)}) or None
 
 
 def original_sizes(harmon: dict[str, torch.Tensor], vae: dict[str, torch.Tensor]) -> dict[str, int | None]:
@@ -243,11 +236,18 @@ def _config_sizes(config: HarmonConfig) -> dict[str, int]:
                 num_res_blocks=config.vae.num_res_blocks)
 
 
-def describe_harmon_config(config: HarmonConfig) -> str:
-    s = _config_sizes(config)
-    return (f"encoder {s['encoder_embed_dim']} x {s['encoder_depth']}, decoder {s['decoder_embed_dim']} x "
-            f"{s['decoder_depth']}, head {s['diffloss_w']} x {s['diffloss_d']}, VAE ch {s['ch']} x "
-            f"{s['num_res_blocks']}")
+def _check_sizes(harmon: dict[str, torch.Tensor], vae: dict[str, torch.Tensor], config: HarmonConfig,
+                 architecture: str, source: str, preset: str | None) -> None:
+    """Before building anything: the sizes the checkpoints hold against the config's. Another architecture
+    mis-fits hundreds of tensors; the sizes that differ and the preset that fits say why in one short message."""
+    held, expected = original_sizes(harmon, vae), _config_sizes(config)
+    differ = [f"{key} {held[key]} (expected {value})" for key, value in expected.items()
+              if held.get(key) is not None and held[key] != value]
+    if differ:
+        raise CheckpointKeyError(
+            f"{source} do not fit {architecture}: {', '.join(differ)}. {describe_original_checkpoints(harmon, vae)}. "
+            f"{likely_architecture(harmon, vae, preset)}"
+        )
 
 
 def likely_architecture(harmon: dict[str, torch.Tensor], vae: dict[str, torch.Tensor], preset: str | None) -> str:

@@ -121,3 +121,20 @@ def test_generator_source_per_image_blocks_use_their_own_generator():
     assert sorted(orders[0].tolist()) == list(range(10)) and not torch.equal(orders[0], orders[1])
     with pytest.raises(ValueError, match="empty list"):
         GeneratorRandomSource([])
+
+
+def test_a_wrong_preset_is_one_short_message_with_the_sizes(fixture_files):
+    """Issue 18: a wrong preset used to raise one 19.5 KB line listing 306 mis-shaped VAE tensors."""
+    with pytest.raises(CheckpointKeyError) as caught:
+        load_original_harmon(fixture_files["harmon"], fixture_files["vae"], fixture_files["llm"], preset="harmon-0.5b")
+    message = str(caught.value)
+    assert len(message) < 1000, len(message)
+    assert "do not fit preset 'harmon-0.5b': encoder_embed_dim" in message and "(expected 768)" in message
+    assert "pass the model's original config (--config" in message
+
+
+def test_long_key_lists_are_summarised(fixture_files, original_state, tmp_path):
+    for key in [k for k in original_state if k.startswith("mar.decoder_blocks.")]:
+        del original_state[key]
+    with pytest.raises(CheckpointKeyError, match=r"missing keys \((\d+)\): mar\.decoder_blocks\.0\..*… \(\d+ more\)"):
+        _load(fixture_files["harmon"].parent, _save(tmp_path, original_state))

@@ -300,15 +300,18 @@ def test_paths_the_config_names_must_exist(fixture_files, original_config, tmp_p
 
 
 def test_a_released_config_on_tiny_checkpoints_says_what_differs(fixture_files, tmp_path):
-    """The 1.5B config pointed at small checkpoints: a short error with the sizes each side has."""
+    """The 1.5B config pointed at small checkpoints: a short error with the sizes each side has, raised before the
+    1.5B-sized model is built."""
     config = _release_config(tmp_path, "qwen2_5_1_5b_kl16_mar_h.py", vae=str(fixture_files["vae"]))
     shutil.copy(fixture_files["harmon"], tmp_path / "h.pth")
     with pytest.raises(CheckpointKeyError) as caught:
         load_original_harmon(tmp_path / "h.pth", llm_folder=fixture_files["llm"], original_config=config)
     message = str(caught.value)
-    assert len(message) < 2000, len(message)
-    assert "mis-shaped keys (" in message and "more)" in message
-    assert "expects encoder 1280 x 20" in message and "The checkpoints hold: MAR encoder" in message
+    assert len(message) < 1000, len(message)
+    assert "do not fit the original config" in message and "qwen2_5_1_5b_kl16_mar_h.py" in message
+    assert "encoder_embed_dim 64 (expected 1280)" in message and "diffloss_w 64 (expected 1536)" in message
+    assert "VAE ch 32" in message and "ch 32 (expected" not in message  # unstated in the .py: read from the checkpoint
+    assert "The checkpoints hold: MAR encoder 64 wide" in message
     assert "fit no released preset" in message
 
 
