@@ -70,11 +70,11 @@ def check_state_dict(
     )
     problems = []
     if missing:
-        problems.append(f"missing keys ({len(missing)}): {summarise_names(missing)}")
+        problems.append(f"missing keys: {summarise_names(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {summarise_names(unexpected)}")
+        problems.append(f"unexpected keys: {summarise_names(unexpected)}")
     if misshaped:
-        problems.append(f"mis-shaped keys ({len(misshaped)}): {summarise_names(misshaped)}")
+        problems.append(f"mis-shaped keys: {summarise_names(misshaped)}")
     if problems:
         raise CheckpointKeyError(f"{source} does not fit {type(module).__name__}: " + "; ".join(problems))
 

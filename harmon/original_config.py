@@ -398,7 +398,7 @@ def read_original_config(original_config: str | os.PathLike | dict[str, Any] | O
         path = Path(original_config)
         if not path.is_file():
             raise FileNotFoundError(f"original config not found: {path}")
-        source, folder = str(path), path.resolve().parent
+        source, folder = str(path), path.absolute().parent  # as the user laid it out (links not followed)
         if path.suffix == ".py":
             data = read_python_config(path)
         else:
