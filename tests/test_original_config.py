@@ -14,7 +14,9 @@ import shutil
 import pytest
 import torch
 
-from harmon.checkpoints import CheckpointKeyError
+from transformers import AutoTokenizer
+
+from harmon.checkpoints import CheckpointKeyError, read_state_dict
 from harmon.cli import main
 from harmon.configs import HarmonConfig, to_original_config
 from harmon.conversion import load_original_harmon
@@ -318,3 +320,16 @@ def test_a_released_config_on_tiny_checkpoints_says_what_differs(fixture_files, 
 def test_the_written_json_form_round_trips(original_config):
     config = HarmonConfig.from_original(original_config)
     assert HarmonConfig.from_original(to_original_config(config)) == config
+
+
+def test_from_original_in_python_reads_the_files_the_config_names(fixture_files, original_config, tmp_path):
+    from harmon.cli import build_parser
+    from harmon.pipelines import HarmonPipeline
+
+    config = _fixture_as_a_release(fixture_files, tmp_path, original_config)
+    pipe = HarmonPipeline.from_original(tmp_path / "harmon.pth", original_config=config)
+    assert pipe.model.config.vae.ch == int(read_state_dict(fixture_files["vae"])["encoder.conv_in.weight"].shape[0])
+    assert pipe.tokenizer.get_vocab() == AutoTokenizer.from_pretrained(str(fixture_files["llm"])).get_vocab()
+    # the CLI's --config is also spelled --original-config, the Python argument's name
+    args = build_parser().parse_args(["convert", "--harmon", "h.pth", "--original-config", str(config), "--out", "o"])
+    assert args.config == str(config) and args.vae is None and args.llm is None
