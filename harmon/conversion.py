@@ -26,6 +26,7 @@ from harmon.heads.diffusion import convert_original_diffloss
 from harmon.model import HarmonModel
 from harmon.original_config import (
     OriginalConfig, read_original_config, resolve_named_path, to_harmon_config, vae_sizes_from_state_dict,
+    variational_quant_conv,
 )
 from harmon.registry import DECODERS, ENCODERS, HEADS
 
@@ -143,6 +144,8 @@ def load_original_harmon(
     config_source, vae_checkpoint, llm_folder = resolve_original_files(vae_checkpoint, llm_folder, original_config)
     llm_config = load_qwen_config(llm_folder, attn_implementation)
     original, vae_original = read_state_dict(harmon_checkpoint), read_state_dict(vae_checkpoint)  # before building
+    if config_source is not None and not config_source.model.vae.use_variational:
+        vae_original = variational_quant_conv(vae_original)
     if config_source is not None:
         config = to_harmon_config(config_source, llm_config, vae_state_dict=vae_original)
     else:

@@ -278,6 +278,8 @@ class OriginalVAEConfig(BaseModel):
     type: str | None = None
     embed_dim: Int = Field(gt=0)
     ch_mult: tuple[Int, ...]
+    # False: quant_conv maps to embed_dim channels and the posterior's log-variance is the constant 1; converted
+    # exactly into the variational layout (see variational_quant_conv)
     use_variational: Bool = True
     ckpt_path: str | None = None  # the VAE checkpoint when `harmon convert --vae` is not given
     ch: Int | None = Field(None, gt=0)
@@ -292,13 +294,6 @@ class OriginalVAEConfig(BaseModel):
     def _vae_class(cls, value: Any) -> Any:
         return _class_named(value, "AutoencoderKL", "the VAE")
 
-    @field_validator("use_variational")
-    @classmethod
-    def _variational_only(cls, value: bool) -> bool:
-        if not value:  # quant_conv to embed_dim channels and a constant log-variance: not Harmon's released kl16
-            raise ValueError("use_variational=False (a non-variational VAE, quant_conv to embed_dim channels) is "
-                             "not supported: Harmon's kl16 is variational")
-        return value
 
 
 class OriginalLLMConfig(BaseModel):
@@ -449,6 +444,22 @@ def vae_sizes_from_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, 
     return sizes
 
 
+def variational_quant_conv(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A non-variational original VAE (``use_variational=False``) in the variational layout, exactly.
+
+    The original's ``quant_conv`` then outputs the mean only (``embed_dim`` channels) and ``encode`` appends a
+    constant log-variance of ones. The same function as a variational ``quant_conv`` (``2·embed_dim`` outputs): the
+    mean rows as given, then zero weights with bias 1 for the log-variance rows. Other tensors are passed through."""
+    weight, bias = state_dict["quant_conv.weight"], state_dict["quant_conv.bias"]
+    if weight.shape[0] * 2 != weight.shape[1]:
+        raise ValueError(f"use_variational=False expects quant_conv.weight of shape (embed_dim, 2*embed_dim, 1, 1), "
+                         f"got {tuple(weight.shape)}")
+    out = dict(state_dict)
+    out["quant_conv.weight"] = torch.cat([weight, torch.zeros_like(weight)])
+    out["quant_conv.bias"] = torch.cat([bias, torch.ones_like(bias)])
+    return out
+
+
 def kl_autoencoder_fields(vae: OriginalVAEConfig, state_dict: dict[str, torch.Tensor] | None = None) -> dict:
     """The :class:`~harmon.encoders.vae.KLAutoencoderConfig` fields of an original ``vae`` dict: those it states,
     then sizes read from the checkpoint's ``state_dict`` (when given); the rest keep the released kl16's values."""
@@ -508,6 +519,7 @@ __all__ = [
     "read_original_config",
     "read_python_config",
     "resolve_named_path",
+    "variational_quant_conv",
     "to_harmon_config",
     "kl_autoencoder_fields",
     "vae_sizes_from_state_dict",

@@ -206,7 +206,6 @@ def test_what_the_original_refuses_or_this_library_cannot_convert_is_named(tmp_p
         with pytest.raises(OriginalConfigError, match=pattern):
             read_original_config(data)
 
-    refused("vae", "use_variational", False, r"vae\.use_variational: use_variational=False .* not supported")
     refused("mar", "type", "mar_huge", r"mar_huge fixes .*encoder_depth")  # the factory fixes the stated sizes
     refused("mar", "type", "mar_gigantic", r"mar\.type: unknown MAR constructor 'mar_gigantic'")
     refused("mar", "norm_layer", {"type": "LayerNorm", "eps": 1e-5}, r"mar\.norm_layer: LayerNorm eps 1e-05")
@@ -333,3 +332,24 @@ def test_from_original_in_python_reads_the_files_the_config_names(fixture_files,
     # the CLI's --config is also spelled --original-config, the Python argument's name
     args = build_parser().parse_args(["convert", "--harmon", "h.pth", "--original-config", str(config), "--out", "o"])
     assert args.config == str(config) and args.vae is None and args.llm is None
+
+
+def test_a_non_variational_vae_converts_exactly(fixture_files, parity_tensors, original_config, tmp_path):
+    """``AutoencoderKL(use_variational=False)``: quant_conv gives the mean only and the log-variance is 1. Made
+    here from the fixture's VAE by keeping quant_conv's mean rows: the posterior mean must be the recorded one."""
+    vae = read_state_dict(fixture_files["vae"])
+    embed_dim = vae["post_quant_conv.weight"].shape[0]
+    vae["quant_conv.weight"], vae["quant_conv.bias"] = vae["quant_conv.weight"][:embed_dim], vae["quant_conv.bias"][:embed_dim]
+    torch.save({"model": vae}, tmp_path / "kl16_mean_only.ckpt")
+    data = json.loads(json.dumps(original_config))
+    data["vae"]["use_variational"] = False
+    model = load_original_harmon(fixture_files["harmon"], tmp_path / "kl16_mean_only.ckpt", fixture_files["llm"],
+                                 original_config=data)
+    with torch.no_grad():
+        posterior = model.vae.encode(parity_tensors["vae.image"]).latent_dist
+    assert_close(posterior.mode(), parity_tensors["vae.posterior_mode"], 1e-5, "vae.posterior_mode")
+    assert torch.equal(posterior.logvar, torch.ones_like(posterior.logvar))  # as the original's torch.ones_like
+    data["vae"]["use_variational"] = True  # the mean-only checkpoint under a variational config: named
+    with pytest.raises(CheckpointKeyError, match=r"quant_conv\.weight"):
+        load_original_harmon(fixture_files["harmon"], tmp_path / "kl16_mean_only.ckpt", fixture_files["llm"],
+                             original_config=data)
