@@ -84,8 +84,8 @@ def reference(pipe_folder) -> HarmonPipeline:
 
 
 class Browser:
-    def __init__(self, driver: webdriver.Chrome, url: str):
-        self.driver, self.url, self.requests = driver, url, []
+    def __init__(self, driver: webdriver.Chrome, url: str, downloads: Path):
+        self.driver, self.url, self.downloads, self.requests = driver, url, downloads, []
 
     def open(self) -> None:
         self.driver.get(self.url)
@@ -139,9 +139,12 @@ def browser(app, tmp_path_factory):
         options.add_argument(flag)
     options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
     options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
+    downloads = tmp_path_factory.mktemp("downloads")
+    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                              "download.prompt_for_download": False})
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     try:
-        yield Browser(driver, app[1])
+        yield Browser(driver, app[1], downloads)
     finally:
         driver.quit()
 
@@ -159,7 +162,9 @@ def gallery_images(browser: Browser) -> list[tuple[str, tuple[int, int]]]:
 
 def fetch_image(url: str) -> np.ndarray:
     with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
-        return np.asarray(PIL.Image.open(io.BytesIO(response.read())).convert("RGB"))
+        image = PIL.Image.open(io.BytesIO(response.read()))
+    assert image.format == "PNG", f"{url}: the gallery should serve lossless PNGs, got {image.format}"
+    return np.asarray(image.convert("RGB"))
 
 
 # --------------------------------------------------------------------------------------------------- browser
@@ -192,6 +197,14 @@ def test_generate_shows_the_pipelines_images_at_the_requested_size(browser, refe
     assert np.array_equal(shown, (expected * 255).round().astype(np.uint8))  # PNG: lossless
     # the progress bar is fed by the pipeline's callback_on_step_end, once per MAR step
     assert [p for p in progress_calls if isinstance(p, tuple)] == [(k, STEPS) for k in range(1, STEPS + 1)]
+
+    # download: open the first image and press the gallery's Download button
+    browser.find("#gallery button.thumbnail-item").click()
+    [download] = browser.wait(lambda: browser.find_all("#gallery button[aria-label=Download]"), "a download button")
+    download.click()
+    [saved] = browser.wait(lambda: list(browser.downloads.glob("*.png")), "the downloaded file")
+    assert np.array_equal(np.asarray(PIL.Image.open(saved).convert("RGB")), shown[0])
+    browser.find("#gallery button[aria-label=Close]").click()
 
     # "random seed": the page says which seed it drew, and that seed reproduces the image
     browser.find("#random-seed input").click()
@@ -234,7 +247,7 @@ def test_describe_answers_about_the_uploaded_image(browser, reference, tmp_path)
 
 
 @needs_browser
-def test_a_bad_size_shows_the_pipelines_message_not_a_traceback(browser, reference):
+def test_bad_inputs_show_the_pipelines_message_not_a_traceback(browser, reference):
     with pytest.raises(ValueError) as raised:
         reference("a cat", width=100, num_inference_steps=STEPS)
     message = str(raised.value)
@@ -251,6 +264,18 @@ def test_a_bad_size_shows_the_pipelines_message_not_a_traceback(browser, referen
     page = browser.find("body").text
     assert "Traceback" not in page and "ValueError" not in page
     assert not gallery_images(browser)
+
+    # Describe without an image: the pipeline's TypeError, in the page
+    with pytest.raises(TypeError) as raised:
+        reference.understand(None, "What is this?")
+    [tab] = [b for b in browser.find_all("button[role=tab]") if b.text.strip() == "Describe"]
+    tab.click()
+    browser.wait(lambda: browser.find_all("#describe"), "the Describe tab")
+    browser.find("#describe").click()
+    browser.wait(lambda: [t for t in browser.find_all(".toast-body") if str(raised.value) in t.text],
+                 "the missing-image message")
+    browser.screenshot("no_image")
+    assert "Traceback" not in browser.find("body").text
 
 
 @needs_browser
