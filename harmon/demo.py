@@ -141,7 +141,7 @@ def build_demo(pipe: HarmonPipeline, *, max_images: int = 4, max_queue: int = 16
                                                elem_id="num-images")
                     generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Column(scale=3):
-                    gallery = gr.Gallery(label="Images", format="png", columns=2, elem_id="gallery",
+                    gallery = gr.Gallery(label="Images", format="png", columns=2, object_fit="contain", elem_id="gallery",
                                          buttons=["download", "fullscreen"], interactive=False)
                     used_seed = gr.Number(label="Seed used (image k used seed + k)", precision=0,
                                           interactive=False, elem_id="used-seed")
