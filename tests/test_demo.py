@@ -289,6 +289,35 @@ def test_the_page_requests_nothing_beyond_the_app(browser):
 
 
 # ------------------------------------------------------------------------------------------ no browser needed
+def test_concurrent_requests_queue_and_run_one_at_a_time(app, monkeypatch):
+    """Three requests sent at once all complete, one after the other on the one pipeline (each request's MAR steps
+    are reported together, never interleaved with another's)."""
+    import threading
+    import time
+
+    from gradio_client import Client
+
+    reports = []
+    report = gr.Progress.__call__
+
+    def slow_progress(self, progress, *args, **kwargs):
+        if isinstance(progress, tuple):
+            reports.append((threading.get_ident(), progress))
+            time.sleep(0.05)  # long enough that overlapping requests would interleave their steps
+        return report(self, progress, *args, **kwargs)
+
+    monkeypatch.setattr(gr.Progress, "__call__", slow_progress)
+    client = Client(app[1], verbose=False)
+    arguments = dict(negative_prompt="", width=64, height=64, steps=STEPS, guidance_scale=3.0,
+                     guidance_schedule="constant", temperature=1.0, sampler="exact", head_steps=0, random_seed=False,
+                     num_images=1)
+    jobs = [client.submit(prompt=f"prompt {k}", seed=k, api_name="/generate", **arguments) for k in range(3)]
+    results = [job.result(timeout=TIMEOUT_S) for job in jobs]
+    assert [seed for _, seed in results] == [0, 1, 2]
+    steps = [step for _, (step, _) in reports]
+    assert steps == list(range(1, STEPS + 1)) * 3, f"requests overlapped: {steps}"
+
+
 def test_both_tabs_share_one_queue_slot_and_the_queue_is_bounded():
     demo = build_demo(HarmonPipeline.from_model(tiny_model(), tiny_tokenizer()), max_queue=3)
     functions = {fn.name: fn for fn in demo.fns.values()}
