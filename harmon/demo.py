@@ -203,6 +203,7 @@ def launch(pipeline: str | os.PathLike | HarmonPipeline = DEFAULT_PIPELINE, *, h
     """
     from harmon.pipelines import HarmonPipeline
 
+    _gradio()  # a missing gradio fails before the model is loaded
     pipe = pipeline if isinstance(pipeline, HarmonPipeline) else load_pipeline(
         pipeline, device=device, dtype=dtype, cpu_offload=cpu_offload)
     demo = build_demo(pipe, max_images=max_images, max_queue=max_queue)

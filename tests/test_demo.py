@@ -12,6 +12,7 @@ import io
 import json
 import shutil
 import socket
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -344,3 +345,9 @@ def test_cli_demo_verb_passes_its_options_to_launch(monkeypatch):
     assert folder == "my-folder"
     assert options == {"host": "0.0.0.0", "port": 8000, "share": True, "device": "cuda", "dtype": torch.bfloat16,
                        "cpu_offload": True, "max_images": 2, "max_queue": 5}
+
+
+def test_without_gradio_the_cli_says_which_extra_to_install(monkeypatch, pipe_folder):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # as if gradio were not installed
+    with pytest.raises(SystemExit, match=r'harmon demo: error: .*pip install "harmon\[demo\]"'):
+        cli.main(["demo", str(pipe_folder)])
