@@ -137,3 +137,31 @@ def parity_files(parity_dir: Path) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def fixture_files(parity_dir: Path) -> dict[str, Path]:
     return parity_files(parity_dir)
+
+
+def replay_recorded_image(pipe, tensors: dict[str, torch.Tensor], readme: dict, sampler: str = "exact") -> torch.Tensor:
+    """The fixture's end-to-end call (``e2e.*``) replayed through ``pipe``'s own MAR loop with the recorded orders
+    and noise draws, the call's arguments taken from README.json; returns the decoded pixels ``(B, 3, H, W)``."""
+    from harmon.randomness import ReplayRandomSource
+
+    t = tensors
+    noises = [t[k] for k in sorted(k for k in t if k.startswith("e2e.noise."))]
+    source = ReplayRandomSource(t["e2e.orders"], noises)
+    _, m, n, _ = t["vae.tokens"].shape
+    stride = pipe.harmon.harmon.latent_stride
+    latents = pipe(
+        prompt_input_ids=t["e2e.input_ids"],
+        prompt_attention_mask=t["e2e.attention_mask"],
+        height=m * stride,
+        width=n * stride,
+        num_inference_steps=len(t["e2e.mask_len"]),
+        guidance_scale=float(recorded_argument(readme, "e2e.*", "cfg")),
+        guidance_schedule=recorded_argument(readme, "e2e.*", "cfg_schedule"),
+        temperature=float(recorded_argument(readme, "e2e.*", "temperature")),
+        random_source=source,
+        sampler=sampler,
+        output_type="latent",
+    ).images
+    assert source.exhausted, f"used {source.position} of {len(noises)} recorded draws"
+    with torch.no_grad():
+        return pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample

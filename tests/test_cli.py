@@ -12,10 +12,9 @@ import torch
 
 from harmon.cli import main, read_prompts
 from harmon.pipelines import HarmonPipeline
-from harmon.randomness import ReplayRandomSource
 from harmon.testing import tiny_model, tiny_tokenizer
 
-from conftest import assert_close, parity_readme, recorded_argument, recorded_image_token_id
+from conftest import assert_close, parity_readme, recorded_image_token_id, replay_recorded_image
 
 
 
@@ -109,15 +108,7 @@ def test_convert_the_original_fixture_reproduces_its_tensors(fixture_files, pari
     t = parity_tensors
     assert_close(pipe.model.encode_image(t["vae.image"]), t["vae.tokens"], 1e-5, "vae.tokens")
     readme = parity_readme(parity_dir)
-    noises = [t[k] for k in sorted(k for k in t if k.startswith("e2e.noise."))]
-    _, m, n, _ = t["vae.tokens"].shape
-    image = pipe.model.generate_images(
-        t["e2e.input_ids"], t["e2e.attention_mask"], image_shape=(m, n), num_steps=len(t["e2e.mask_len"]),
-        guidance_scale=float(recorded_argument(readme, "e2e.*", "cfg")),
-        guidance_schedule=recorded_argument(readme, "e2e.*", "cfg_schedule"),
-        temperature=float(recorded_argument(readme, "e2e.*", "temperature")),
-        random_source=ReplayRandomSource(t["e2e.orders"], noises),
-    )
+    image = replay_recorded_image(pipe, t, readme)
     assert_close(image, t["e2e.image"], 1e-5, "e2e.image")  # as tests/test_parity.py
     # the tokenizer came along from the LLM folder
     from transformers import AutoTokenizer

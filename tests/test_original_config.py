@@ -23,10 +23,9 @@ from harmon.conversion import load_original_harmon
 from harmon.original_config import (
     ConfigCall, OriginalConfigError, read_original_config, read_python_config, to_harmon_config,
 )
-from harmon.randomness import ReplayRandomSource
 from harmon.registry import DECODERS, ENCODERS, HEADS
 
-from conftest import assert_close, parity_readme, recorded_argument
+from conftest import assert_close, parity_readme, replay_recorded_image
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -271,15 +270,8 @@ def test_convert_from_a_python_config_alone_reproduces_the_fixture(fixture_files
     assert pipe.model.config.vae.ch == original_config["vae"].get("ch", pipe.model.config.vae.ch)
     t = parity_tensors
     readme = parity_readme(parity_dir)
-    noises = [t[k] for k in sorted(k for k in t if k.startswith("e2e.noise."))]
-    _, m, n, _ = t["vae.tokens"].shape
-    image = pipe.model.generate_images(
-        t["e2e.input_ids"], t["e2e.attention_mask"], image_shape=(m, n), num_steps=len(t["e2e.mask_len"]),
-        guidance_scale=float(recorded_argument(readme, "e2e.*", "cfg")),
-        guidance_schedule=recorded_argument(readme, "e2e.*", "cfg_schedule"),
-        temperature=float(recorded_argument(readme, "e2e.*", "temperature")),
-        random_source=ReplayRandomSource(t["e2e.orders"], noises),
-    )
+    pipe.set_progress_bar_config(disable=True)
+    image = replay_recorded_image(pipe, t, readme)
     assert_close(image, t["e2e.image"], 1e-5, "e2e.image")
     # the written JSON form reads back to the same architecture
     written = read_original_config(out / "original_config.json")

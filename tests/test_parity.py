@@ -17,7 +17,7 @@ from harmon.conversion import load_original_harmon
 from harmon.model import mask_schedule
 from harmon.randomness import ReplayRandomSource
 
-from conftest import assert_close, parity_files, parity_readme, recorded_argument, recorded_image_token_id, relative_scale
+from conftest import assert_close, replay_recorded_image, parity_files, parity_readme, recorded_argument, recorded_image_token_id, relative_scale
 
 TOL = 1e-5
 # The schedule arrays are float64 in both implementations: computed the same way they agree to float64 round-off.
@@ -164,26 +164,19 @@ def test_mask_schedule_matches(parity_tensors):
 
 
 @pytest.mark.parametrize("sampler", ["plain", "exact"])
-def test_end_to_end_image_replays_recorded_randomness(model, parity_tensors, readme, sampler):
-    """The whole sampler against the original's ``Harmon.sample``. ``plain`` runs the MAR encoder on both guidance
+def test_end_to_end_image_replays_recorded_randomness(model, parity_dir, parity_tensors, readme, sampler):
+    """The whole sampler — the pipeline's own MAR loop (``HarmonPipeline.__call__``), latents decoded by the
+    pipeline's VAE — against the original's ``Harmon.sample``. ``plain`` runs the MAR encoder on both guidance
     halves as the original does; ``exact`` runs it once per guidance pair (the halves hold the same tokens): both
     must land on the recorded image."""
+    from transformers import AutoTokenizer
+
+    from harmon.pipelines import HarmonPipeline
+
     t = parity_tensors
-    noises = [t[k] for k in sorted(k for k in t if k.startswith("e2e.noise."))]
-    source = ReplayRandomSource(t["e2e.orders"], noises)
-    m, n = _grid(t)
-    image = model.generate_images(
-        t["e2e.input_ids"],
-        t["e2e.attention_mask"],
-        image_shape=(m, n),
-        num_steps=len(t["e2e.mask_len"]),
-        guidance_scale=float(recorded_argument(readme, "e2e.*", "cfg")),
-        guidance_schedule=recorded_argument(readme, "e2e.*", "cfg_schedule"),
-        temperature=float(recorded_argument(readme, "e2e.*", "temperature")),
-        random_source=source,
-        sampler=sampler,
-    )
-    assert source.exhausted, f"used {source.position} of {len(noises)} recorded draws"
+    pipe = HarmonPipeline.from_model(model, AutoTokenizer.from_pretrained(str(parity_dir / "llm")))
+    pipe.set_progress_bar_config(disable=True)
+    image = replay_recorded_image(pipe, t, readme, sampler)
     # 1e-5: measured 3.2e-6 (plain) / 3.1e-6 (exact) max-abs, 2.1e-6 relative on the public fixture; 2-4e-6 on four
     # fixtures recorded the same way. With the unconditional rows keeping their own samples it was 1.3e-5, 3.2e-5,
     # 3.6e-5 and 2.8e-4 on those four; on the public fixture that deviation is 1.25e-5 max-abs = 8.2e-6 relative, inside
@@ -237,18 +230,22 @@ def test_shared_encoder_pass_gives_the_tokens_of_encoding_both_halves(schedule):
     decoder's last block at the predicted positions sum in another order: measured ~1e-7 relative)."""
     from harmon.testing import prompt_rows, tiny_model
 
-    model = tiny_model(seed=1)
+    from harmon.pipelines import HarmonPipeline
+    from harmon.testing import tiny_tokenizer
+
+    pipe = HarmonPipeline.from_model(tiny_model(seed=1), tiny_tokenizer())
+    pipe.set_progress_bar_config(disable=True)
     input_ids, attention_mask = prompt_rows([[1, 40, 41, 42, 2], [1, 50, 51, 2]], [1, 60, 61, 62, 63, 2])
-    grid = model.latent_grid(model.config.image_size, model.config.image_size)
+    size = pipe.harmon.harmon.image_size
     tokens, rows = {}, {}
     for sampler in ("plain", "exact"):
-        seen, handle = _record_encoder_inputs(model.encoder)
+        seen, handle = _record_encoder_inputs(pipe.harmon.encoder)
         try:
-            tokens[sampler] = model.generate_tokens(
-                input_ids, attention_mask, image_shape=grid, num_steps=5, guidance_scale=3.0,
-                guidance_schedule=schedule, temperature=1.0, generator=torch.Generator().manual_seed(3),
-                sampler=sampler,
-            )
+            tokens[sampler] = pipe(
+                prompt_input_ids=input_ids, prompt_attention_mask=attention_mask, height=size, width=size,
+                num_inference_steps=5, guidance_scale=3.0, guidance_schedule=schedule, temperature=1.0,
+                generator=torch.Generator().manual_seed(3), sampler=sampler, output_type="latent",
+            ).images
         finally:
             handle.remove()
         rows[sampler] = {x.shape[0] for x in seen}
