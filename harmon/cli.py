@@ -1,4 +1,4 @@
-"""``harmon`` command line: ``generate``, ``describe``, ``convert``, ``info``.
+"""``harmon`` command line: ``generate``, ``describe``, ``convert``, ``info``, ``demo``.
 
 Thin wrappers over :class:`~harmon.pipelines.HarmonPipeline`. ``generate`` splits its prompts across processes
 when started with ``accelerate launch -m harmon.cli generate …``.
@@ -184,6 +184,32 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from harmon import demo
+
+    try:
+        demo.launch(args.pipeline, host=args.host, port=args.port, share=args.share, device=args.device,
+                    dtype=_torch_dtype(args.dtype), cpu_offload=args.cpu_offload, max_images=args.max_images,
+                    max_queue=args.max_queue)
+    except ImportError as error:  # gradio is an optional extra
+        raise SystemExit(f"harmon demo: error: {error}") from None
+    return 0
+
+
+def _add_demo_parser(sub) -> None:
+    web = sub.add_parser("demo", help="web app: Generate and Describe tabs (gradio; pip install \"harmon[demo]\")")
+    web.add_argument("pipeline", nargs="?", default="harmon-toy", help="a HarmonPipeline folder (default: harmon-toy)")
+    web.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
+    web.add_argument("--port", type=int, default=7860)
+    web.add_argument("--share", action="store_true", help="ask gradio for a public link (off by default)")
+    web.add_argument("--device", help="default: cuda when available, else cpu")
+    web.add_argument("--dtype", choices=sorted(DTYPES), help="default: as saved (float32 on CPU)")
+    web.add_argument("--cpu-offload", action="store_true", help="keep components on the CPU between phases")
+    web.add_argument("--max-images", type=int, default=4, help="images per Generate request, at most")
+    web.add_argument("--max-queue", type=int, default=16, help="requests waiting, at most")
+    web.set_defaults(func=cmd_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harmon", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -235,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("pipeline")
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_info)
+
+    _add_demo_parser(sub)
 
     for command in (gen, desc, conv):
         command.add_argument("--dtype", choices=sorted(DTYPES), help="default: as saved (float32 on CPU)")
