@@ -106,7 +106,7 @@ def train_toy(out: str | Path, settings: ToyTrainSettings | None = None, log=_lo
         log(f"stage {stage}: {result.step} steps in {seconds:.0f} s; last losses {info['stages'][stage]['last']}")
         previous = result.export_dir / "harmon_model"
 
-    shipped = write_shipped_folder(result.export_dir, out / "harmon-toy")
+    shipped = write_shipped_folder(result.export_dir / "harmon_model", out / "harmon-toy")
     info["shipped_folder"] = str(shipped)
     info["shipped_bytes"] = sum(p.stat().st_size for p in shipped.rglob("*") if p.is_file())
     info["total_seconds"] = time.perf_counter() - started
@@ -115,14 +115,18 @@ def train_toy(out: str | Path, settings: ToyTrainSettings | None = None, log=_lo
     return info
 
 
-def write_shipped_folder(export: Path, folder: Path) -> Path:
-    """The export's pipeline in fp16 (half the bytes; loaded back in fp32 by default), written to ``folder``."""
+def write_shipped_folder(model_folder: Path, folder: Path) -> Path:
+    """The trained ``HarmonModel`` folder (an export's ``harmon_model/``) as an fp16 pipeline folder (half the
+    bytes; loaded back in fp32 by default), written to ``folder``."""
     import torch
+    from transformers import AutoTokenizer
 
+    from harmon.model import HarmonModel
     from harmon.pipelines import HarmonPipeline
 
-    pipe = HarmonPipeline.from_pretrained(export)
-    pipe.to(torch.float16).save_pretrained(str(folder))
+    model = HarmonModel.from_pretrained(model_folder)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_folder))
+    HarmonPipeline.from_model(model, tokenizer).to(torch.float16).save_pretrained(str(folder))
     return folder
 
 
