@@ -16,7 +16,7 @@ from harmon.toy.eval import geneval, understanding
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-SHORT = dict(num_images=600, vae_steps=60, stage_steps=(20, 80, 20))
+SHORT = dict(num_images=600, vae_steps=150, stage_steps=(20, 160, 30))
 SHORT_OVERRIDES = ["training.global_batch_size=16", "training.micro_batch_size=16"]
 
 
