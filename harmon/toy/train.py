@@ -7,8 +7,8 @@
    caption / LLaVA / text layouts;
 2. the preset's KL VAE is trained on those images (:mod:`harmon.toy.vae`) and ``vae_scale`` measured;
 3. a ``harmon-toy`` model (random init, the trained VAE, the toy tokenizer) is saved as ``OUT/init``;
-4. ``harmon/toy/recipes/stage{1,2,3}.yaml`` run one after the other with :func:`harmon.training.train`, each
-   starting from the previous stage's export;
+4. ``harmon/toy/recipes/stage{1,2,3}.yaml`` and ``head.yaml`` (the diffusion head alone, text → image) run one
+   after the other with :func:`harmon.training.train`, each starting from the previous one's export;
 5. stage III's export is written as an fp16 pipeline folder ``OUT/harmon-toy`` (what the package ships) and the
    timings go to ``OUT/train_info.json``.
 """
@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 RECIPES = Path(__file__).with_name("recipes")
-STAGES = (1, 2, 3)
+STAGES = ("stage1", "stage2", "stage3", "head")
+"""The recipes run in order (``recipes/<name>.yaml``), each from the previous one's export."""
 
 
 @dataclass
@@ -34,7 +35,7 @@ class ToyTrainSettings:
     seed: int = 0
     num_images: int = 4000
     vae_steps: int = 800
-    stage_steps: tuple[int, int, int] | None = None  # None: the recipes' max_steps
+    stage_steps: tuple[int, int, int, int] | None = None  # stages I, II, III, head; None: the recipes' max_steps
     threads: int | None = 2
     overrides: list[str] = field(default_factory=list)  # extra -o KEY=VALUE for every stage
 
@@ -91,12 +92,12 @@ def train_toy(out: str | Path, settings: ToyTrainSettings | None = None, log=_lo
 
     previous = init
     info["stages"] = {}
-    for stage in STAGES:
-        overrides = [f"output_dir={out / f'stage{stage}'}", f"data.root={data_dir}", f"model.pretrained={previous}",
+    for i, stage in enumerate(STAGES):
+        overrides = [f"output_dir={out / stage}", f"data.root={data_dir}", f"model.pretrained={previous}",
                      f"seed={settings.seed}", *settings.overrides]
         if settings.stage_steps is not None:
-            overrides.append(f"training.max_steps={settings.stage_steps[stage - 1]}")
-        recipe = load_config(RECIPES / f"stage{stage}.yaml", overrides=overrides)
+            overrides.append(f"training.max_steps={settings.stage_steps[i]}")
+        recipe = load_config(RECIPES / f"{stage}.yaml", overrides=overrides)
         stage_started = time.perf_counter()
         result = train(recipe)
         seconds = time.perf_counter() - stage_started
@@ -136,8 +137,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-images", type=int, default=ToyTrainSettings.num_images)
     parser.add_argument("--vae-steps", type=int, default=ToyTrainSettings.vae_steps)
-    parser.add_argument("--stage-steps", type=int, nargs=3, metavar=("I", "II", "III"),
-                        help="optimizer steps per stage (default: the recipes')")
+    parser.add_argument("--stage-steps", type=int, nargs=4, metavar=("I", "II", "III", "HEAD"),
+                        help="optimizer steps per stage and of the head refinement (default: the recipes')")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
                         help="a recipe field for every stage, e.g. training.micro_batch_size=16")
