@@ -7,8 +7,9 @@ mis-shaped key (by its name in the original file when a converter renamed it).
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -52,11 +53,13 @@ def check_state_dict(
     state_dict: Mapping[str, torch.Tensor],
     source: str = "checkpoint",
     original_names: Mapping[str, str] | None = None,
+    optional: set[str] | frozenset[str] = frozenset(),
 ) -> None:
-    """Raise :class:`CheckpointKeyError` unless ``state_dict`` has exactly ``module``'s keys and shapes."""
+    """Raise :class:`CheckpointKeyError` unless ``state_dict`` has exactly ``module``'s keys and shapes
+    (``optional`` keys, e.g. tied weights, may be absent)."""
     original_names = original_names or {}
     expected = module.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
+    missing = sorted(set(expected) - set(state_dict) - set(optional))
     unexpected = sorted(original_names.get(k, k) for k in set(state_dict) - set(expected))
     misshaped = sorted(
         f"{original_names.get(k, k)} {tuple(state_dict[k].shape)} (expected {tuple(expected[k].shape)})"
@@ -82,3 +85,146 @@ def load_state_dict_strict(
 ) -> None:
     check_state_dict(module, state_dict, source, original_names)
     module.load_state_dict(state_dict, strict=True)
+
+
+# ------------------------------------------------------------------------------------------- saved folders
+class IncompleteFolderError(ValueError):
+    """A saved model / pipeline folder lacks a file, or holds one that cannot be read."""
+
+
+def read_json_file(path: str | os.PathLike, what: str = "JSON file") -> dict:
+    """A JSON object from ``path``; a missing, unreadable or corrupt file raises naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise IncompleteFolderError(f"{path} is missing")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise IncompleteFolderError(f"{path} is not a readable {what} ({error})") from None
+    if not isinstance(data, dict):
+        raise IncompleteFolderError(f"{path} is not a {what}: it holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def safetensors_files(folder: str | os.PathLike) -> list[Path]:
+    """The weight files of a ``save_pretrained`` folder: one ``*.safetensors`` or the shards its
+    ``*.safetensors.index.json`` lists (each checked to exist)."""
+    folder = Path(folder)
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        weight_map = read_json_file(indexes[0], "safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise IncompleteFolderError(f"{indexes[0]} has no weight_map")
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        for file in files:
+            if not file.is_file():
+                raise IncompleteFolderError(f"{file} is missing (listed in {indexes[0].name})")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise IncompleteFolderError(f"{folder} holds no *.safetensors weights file")
+    return files
+
+
+def safetensors_shapes(files: list[Path]) -> dict[str, torch.Tensor]:
+    """Every tensor's name → an empty meta tensor of its shape, read from the headers only; a truncated or
+    corrupt file raises naming it."""
+    from safetensors import safe_open
+
+    shapes: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    shapes[key] = torch.empty(handle.get_slice(key).get_shape(), device="meta")
+        except Exception as error:  # safetensors' SafetensorError (truncated, bad header) is a bare Exception
+            raise IncompleteFolderError(f"{file} is not a readable safetensors file ({error})") from None
+    return shapes
+
+
+def tied_parameter_names(module: nn.Module) -> set[str]:
+    """Names under which a parameter appears a second time (tied weights: saved once)."""
+    every = {name for name, _ in module.named_parameters(remove_duplicate=False)}
+    return every - {name for name, _ in module.named_parameters()}
+
+
+def check_weights_folder(folder: str | os.PathLike, module: nn.Module) -> None:
+    """Strict check of a component folder's safetensors against ``module`` (built on the meta device from the
+    folder's config): missing, unexpected and mis-shaped tensors raise :class:`CheckpointKeyError` naming the file
+    and the keys — transformers would only log a missing tensor and initialise it at random."""
+    files = safetensors_files(folder)
+    label = str(files[0]) if len(files) == 1 else f"{folder} ({len(files)} shards)"
+    check_state_dict(module, safetensors_shapes(files), label, optional=tied_parameter_names(module))
+
+
+def _meta_module(folder: Path, library: str, class_name: str) -> nn.Module | None:
+    """The model class ``library.class_name`` built from ``folder``'s config on the meta device (no memory, no
+    weights); ``None`` for a component without weights (tokenizer, scheduler)."""
+    import importlib
+
+    from diffusers import ModelMixin
+    from transformers import AutoConfig, PreTrainedModel
+
+    try:
+        component_class = getattr(importlib.import_module(library), class_name)
+    except (ImportError, AttributeError) as error:
+        raise IncompleteFolderError(f"{folder}: cannot import its class {library}.{class_name} ({error})") from None
+    if not isinstance(component_class, type) or not issubclass(component_class, (PreTrainedModel, ModelMixin)):
+        return None
+    config_file = folder / "config.json"
+    read_json_file(config_file, "model config")  # missing or corrupt: named here, not deep inside a library
+    try:
+        with torch.device("meta"):
+            if issubclass(component_class, PreTrainedModel):
+                return component_class(AutoConfig.from_pretrained(str(folder)))
+            return component_class.from_config(component_class.load_config(str(folder)))
+    except (ValueError, TypeError, KeyError, OSError) as error:
+        raise IncompleteFolderError(f"{config_file} does not describe a {class_name} ({error})") from None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
+
+
+def check_pipeline_folder(
+    path: str | os.PathLike,
+    class_name: str,
+    required: tuple[str, ...],
+    build: Mapping[str, Callable[[Path], nn.Module]] | None = None,
+) -> None:
+    """Check a ``save_pretrained`` pipeline folder before anything is loaded from it.
+
+    ``model_index.json`` must be readable and name ``class_name`` and every ``required`` component; each
+    component folder must exist; a tokenizer needs its ``tokenizer_config.json`` and vocabulary
+    (:data:`TOKENIZER_FILES`), a scheduler its ``scheduler_config.json``; every model component's safetensors
+    must hold exactly the tensors its config builds (``build[name](folder)`` or the class ``model_index.json``
+    names, on the meta device). Errors name the file, the component and the keys."""
+    path = Path(path)
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise IncompleteFolderError(f"{path} is not a pipeline folder: model_index.json is missing")
+    index = read_json_file(index_file, "pipeline index")
+    if index.get("_class_name") != class_name:
+        raise IncompleteFolderError(f"{path} holds a {index.get('_class_name')!r} pipeline, not a {class_name}")
+    build = build or {}
+    for name in required:
+        entry = index.get(name)
+        if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry)):
+            raise IncompleteFolderError(f"{index_file}: component {name!r} is missing or not [library, class]")
+        folder = path / name
+        if not folder.is_dir():
+            raise IncompleteFolderError(f"{path} is not a complete {class_name}: {name}/ is missing")
+        library, component_class = entry
+        if name in build:
+            module = build[name](folder)
+        elif "Tokenizer" in component_class:
+            read_json_file(folder / "tokenizer_config.json", "tokenizer config")
+            if not any((folder / file).is_file() for file in TOKENIZER_FILES):
+                raise IncompleteFolderError(f"{folder} holds no vocabulary (none of {', '.join(TOKENIZER_FILES)})")
+            continue
+        elif "Scheduler" in component_class:
+            read_json_file(folder / "scheduler_config.json", "scheduler config")
+            continue
+        else:
+            module = _meta_module(folder, library, component_class)
+        if module is not None:
+            check_weights_folder(folder, module)

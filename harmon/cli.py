@@ -16,6 +16,49 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
           "float16": "float16", "fp16": "float16"}
 
 
+# every argument is checked before any work (harmon.validation's checks, named as on the command line)
+POSITIVE_INTS = ("batch_size", "num_images", "grid_columns", "steps", "height", "width", "head_steps",
+                 "max_new_tokens")
+EXISTING_FILES = ("image", "prompts_file", "harmon", "vae", "config")
+EXISTING_FOLDERS = ("pipeline", "llm")
+
+
+def validate_arguments(args: argparse.Namespace) -> None:
+    """Raise ``ValueError`` naming the first bad argument (``--batch-size``, a missing ``--image`` file, …)."""
+    from harmon.validation import check_int, check_number, check_seed
+
+    def flag(name: str) -> str:
+        return name if name in ("pipeline",) else "--" + name.replace("_", "-")
+
+    for name in POSITIVE_INTS:
+        if getattr(args, name, None) is not None:
+            check_int(flag(name), getattr(args, name), minimum=1)
+    if getattr(args, "seed", None) is not None:
+        check_seed("--seed", args.seed)
+    if getattr(args, "guidance_scale", None) is not None:
+        check_number("--guidance-scale", args.guidance_scale, minimum=1)
+    if getattr(args, "temperature", None) is not None:
+        check_number("--temperature", args.temperature, minimum=0, exclusive_minimum=True)
+    for name in EXISTING_FILES:
+        value = getattr(args, name, None)
+        if value is not None and not Path(value).is_file():
+            raise ValueError(f"{flag(name)}: no such file: {value}")
+    for name in EXISTING_FOLDERS:
+        value = getattr(args, name, None)
+        if value is not None and not Path(value).is_dir():
+            raise ValueError(f"{flag(name)}: no such folder: {value}")
+    out = getattr(args, "out", None)
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out: {out} exists and is not a folder")
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``harmon generate: error: …``), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def _torch_dtype(name: str | None):
     import torch
 
@@ -84,7 +127,6 @@ def cmd_generate(args) -> int:
     pipe = _load_pipeline(argparse.Namespace(**{**vars(args), "device": args.device or str(state.device)}))
     pipe.set_progress_bar_config(disable=not state.is_local_main_process)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     indexed = list(enumerate(prompts))
     with state.split_between_processes(indexed) as mine:
         for start in range(0, len(mine), args.batch_size):
@@ -100,6 +142,7 @@ def cmd_generate(args) -> int:
                 temperature=args.temperature, num_images_per_prompt=args.num_images, generator=generators,
                 sampler=args.sampler, head_steps=args.head_steps,
             ).images
+            out.mkdir(parents=True, exist_ok=True)  # only once there is something to write
             for j, (index, prompt) in enumerate(chunk):
                 mine_images = images[j * args.num_images:(j + 1) * args.num_images]
                 for k, image in enumerate(mine_images):
@@ -183,7 +226,7 @@ def cmd_info(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="harmon", description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(prog="harmon", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="text → image")
@@ -241,9 +284,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        validate_arguments(args)
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError, OSError, KeyError) as error:
-        print(f"harmon {args.command}: error: {error}", file=sys.stderr)
+        message = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+        print(f"harmon {args.command}: error: {' '.join(message.split())}", file=sys.stderr)  # one line
+        return 2
+    except SystemExit as exit_:  # read_prompts' refusals carry their message
+        if not isinstance(exit_.code, str):
+            raise
+        print(f"harmon {args.command}: error: {exit_.code}", file=sys.stderr)
         return 2
 
 

@@ -44,21 +44,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"invalid training config {args.config}:\n{error}", file=sys.stderr)
         return 2
     if args.check:
+        from harmon.training.data import MultiTaskDataset
+
+        try:
+            MultiTaskDataset(config.data)  # reads every record index up front: a corrupt line is named file:line
+        except (ValueError, KeyError, OSError) as error:
+            print(f"invalid training data for {args.config}: {error}", file=sys.stderr)
+            return 2
         print(f"{args.config}: valid")
         return 0
 
     import logging
 
     from harmon.training.checkpointing import CheckpointError
-    from harmon.training.trainer import train
+    from harmon.training.trainer import Trainer
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
 
     try:
-        result = train(config, resume=args.resume, stop_after=args.stop_after)
+        trainer = Trainer(config, resume=args.resume, stop_after=args.stop_after)
     except CheckpointError as error:
         print(f"cannot resume: {error}", file=sys.stderr)
         return 3
+    except (ValueError, KeyError, OSError) as error:  # the data or the model's files, before any step
+        print(f"cannot start training from {args.config}: {error}", file=sys.stderr)
+        return 2
+    result = trainer.train()
     if result.stopped_early:
         print(f"stopped at step {result.step}; checkpoint {result.checkpoint}")
     else:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -12,11 +11,12 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, ImagePipelineOutput
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from harmon.checkpoints import check_state_dict
+from harmon.checkpoints import IncompleteFolderError, check_pipeline_folder, read_json_file
 from harmon.encoders.common import fail_fast_for_hub_id, saved_weights_follow
 from harmon.model import GUIDANCE_SCHEDULES, SAMPLERS, HarmonModel
 from harmon.pipelines.core import HarmonCore
 from harmon.pipelines.image_processing import ImageInput, postprocessor, preprocess_for_understanding
+from harmon.validation import check_generation_arguments, check_understanding_arguments
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 IMAGE_TOKEN = "<image>"
@@ -133,13 +133,10 @@ class HarmonPipeline(DiffusionPipeline):
         if not path.is_dir():
             _fail_for_unreachable_hub_id(str(pretrained_model_name_or_path))
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        index = path / "model_index.json"
-        if not index.is_file():
-            raise ValueError(f"{path} is not a Harmon pipeline folder: model_index.json is missing")
-        class_name = json.loads(index.read_text()).get("_class_name")
-        if class_name != cls.__name__:
-            raise ValueError(f"{path} holds a {class_name!r} pipeline, not a {cls.__name__}")
-        _check_core_weights(path / "harmon")
+        # every component strictly, before loading (harmon.checkpoints): transformers would re-initialise a
+        # missing LLM tensor and build a tokenizer from nothing; errors name the file and the keys
+        check_pipeline_folder(path, cls.__name__, ("tokenizer", "llm", "harmon", "vae", "scheduler"),
+                              build={"harmon": _meta_core})
         attn_implementation = kwargs.pop("attn_implementation", None)
         if "torch_dtype" in kwargs:  # diffusers' older spelling
             kwargs["dtype"] = kwargs.pop("torch_dtype")
@@ -355,6 +352,11 @@ class HarmonPipeline(DiffusionPipeline):
             head_steps: the diffusion head's denoising steps for ``sampler="fast"`` (default: a quarter of the
                 configured ones).
         """
+        check_generation_arguments(  # types, finiteness and the batch limit (harmon.validation), before any work
+            prompt=prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale, temperature=temperature,
+            num_images_per_prompt=num_images_per_prompt, num_inference_steps=num_inference_steps,
+            generator=generator, callback_on_step_end=callback_on_step_end,
+        )
         config = self.model.config
         height = height if height is not None else config.image_size
         width = width if width is not None else config.image_size
@@ -418,6 +420,11 @@ class HarmonPipeline(DiffusionPipeline):
         with its own mean/std. The number of ``<image>`` placeholders is its number of features. Greedy decoding by default; ``do_sample=True`` samples, reproducibly for a given ``seed``.
         ``min_new_tokens`` forbids stopping earlier.
         """
+        check_understanding_arguments(  # types, finiteness and the batch limit (harmon.validation), before any work
+            image=image, question=question, max_new_tokens=max_new_tokens, do_sample=do_sample,
+            temperature=temperature, top_p=top_p, seed=seed, min_new_tokens=min_new_tokens,
+            skip_special_tokens=skip_special_tokens,
+        )
         batched = isinstance(question, (list, tuple))
         questions = list(question) if batched else [question]
         images = list(image) if isinstance(image, (list, tuple)) else [image]
@@ -488,21 +495,15 @@ def _stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return ids
 
 
-def _check_core_weights(folder: Path) -> None:
-    """Strict check of the saved HarmonCore against the shapes its config builds (named keys)."""
-    from safetensors import safe_open
-
-    weights = folder / "diffusion_pytorch_model.safetensors"
+def _meta_core(folder: Path) -> HarmonCore:
+    """The saved HarmonCore's modules on the meta device, from its config alone (for the strict weight check)."""
     config_path = folder / "config.json"
-    for path in (config_path, weights):
-        if not path.is_file():
-            raise ValueError(f"{folder.parent} is not a complete Harmon pipeline: {path.relative_to(folder.parent)} is missing")
-    harmon_config = json.loads(config_path.read_text()).get("harmon_config")
-    with torch.device("meta"), saved_weights_follow():
-        core = HarmonCore(harmon_config=harmon_config)
-    with safe_open(str(weights), framework="pt") as handle:
-        shapes = {key: torch.empty(handle.get_slice(key).get_shape(), device="meta") for key in handle.keys()}
-    check_state_dict(core, shapes, str(weights))
+    harmon_config = read_json_file(config_path, "HarmonCore config").get("harmon_config")
+    try:
+        with torch.device("meta"), saved_weights_follow():
+            return HarmonCore(harmon_config=harmon_config)
+    except (ValueError, TypeError, KeyError) as error:
+        raise IncompleteFolderError(f"{config_path}: its harmon_config is not a valid HarmonConfig ({error})") from None
 
 
 def _fail_for_unreachable_hub_id(name: str) -> None:
