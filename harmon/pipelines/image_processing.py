@@ -53,8 +53,11 @@ def open_image_file(path: str | os.PathLike, argument: str = "image") -> PIL.Ima
             check_image_size(opened.width, opened.height, f"{argument} ({path})")
             opened.load()
             return opened.copy()
-    except PIL.Image.DecompressionBombError as error:
-        raise ValueError(f"{argument}: {path} is refused as a decompression bomb ({error})") from error
+    except PIL.Image.DecompressionBombError as error:  # PIL's own limit tripped while reading the header
+        raise ValueError(
+            f"{argument} ({path}): refused as a decompression bomb ({error}); the limit is {MAX_INPUT_SIDE} pixels "
+            f"a side and {MAX_INPUT_PIXELS} pixels in all"
+        ) from None
     except (OSError, SyntaxError) as error:  # PIL raises these for corrupt / truncated files
         raise ValueError(f"{argument}: {path} is not a readable image ({error})") from error
 
