@@ -61,7 +61,17 @@ def tiny_model(seed: int = 0, sane_head: bool = True, understanding_encoder=None
     return model.eval()
 
 
-__all__ = ["SPECIAL_TOKENS", "tiny_model", "tiny_tokenizer"]
+def tiny_pipeline(seed: int = 0):
+    """A :class:`~harmon.pipelines.HarmonPipeline` over :func:`tiny_model` and :func:`tiny_tokenizer`, progress bar
+    off."""
+    from harmon.pipelines import HarmonPipeline
+
+    pipe = HarmonPipeline.from_model(tiny_model(seed), tiny_tokenizer())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+__all__ = ["SPECIAL_TOKENS", "tiny_model", "tiny_pipeline", "tiny_tokenizer"]
 
 
 def prompt_rows(

@@ -28,7 +28,7 @@ from harmon.configs import PRESETS, ComponentSpec, HarmonConfig, PromptTemplate
 from harmon.pipelines import HarmonPipeline
 from harmon.pipelines.image_processing import MAX_INPUT_SIDE, load_image, to_rgb
 from harmon.registry import BACKBONES, ENCODERS, DuplicateComponentError, Registry
-from harmon.testing import tiny_model, tiny_tokenizer
+from harmon.testing import tiny_pipeline, tiny_tokenizer
 from harmon.training.collator import HarmonCollator
 from harmon.training.data import load_rgb
 from harmon.validation import MAX_IMAGES_PER_CALL, MAX_PROMPT_CHARACTERS
@@ -46,9 +46,7 @@ INJECTIONS = [
 
 @pytest.fixture(scope="module")
 def pipe() -> HarmonPipeline:
-    pipe = HarmonPipeline.from_model(tiny_model(), tiny_tokenizer())
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return tiny_pipeline()
 
 
 def generate(pipe, seed: int = 0) -> torch.Tensor:

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from harmon.checkpoints import CheckpointKeyError, IncompleteFolderError
 from harmon.cli import main
 from harmon.pipelines import HarmonPipeline
-from harmon.testing import tiny_model, tiny_tokenizer
+from harmon.testing import tiny_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -32,9 +32,7 @@ CORE = "harmon/diffusion_pytorch_model.safetensors"
 
 @pytest.fixture(scope="module")
 def pipe() -> HarmonPipeline:
-    pipe = HarmonPipeline.from_model(tiny_model(), tiny_tokenizer())
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return tiny_pipeline()
 
 
 @pytest.fixture(scope="module")
