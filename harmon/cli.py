@@ -25,7 +25,7 @@ EXISTING_FOLDERS = ("pipeline", "llm")
 
 def validate_arguments(args: argparse.Namespace) -> None:
     """Raise ``ValueError`` naming the first bad argument (``--batch-size``, a missing ``--image`` file, …)."""
-    from harmon.validation import check_int, check_number, check_seed
+    from harmon.validation import check_batch, check_int, check_number, check_seed
 
     def flag(name: str) -> str:
         return name if name in ("pipeline",) else "--" + name.replace("_", "-")
@@ -33,6 +33,8 @@ def validate_arguments(args: argparse.Namespace) -> None:
     for name in POSITIVE_INTS:
         if getattr(args, name, None) is not None:
             check_int(flag(name), getattr(args, name), minimum=1)
+    if getattr(args, "num_images", None) is not None:  # images per pipeline call, before loading anything
+        check_batch("--num-images × --batch-size", args.num_images * args.batch_size)
     if getattr(args, "seed", None) is not None:
         check_seed("--seed", args.seed)
     if getattr(args, "guidance_scale", None) is not None:
