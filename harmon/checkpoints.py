@@ -28,7 +28,10 @@ def read_state_dict(path: str | os.PathLike, wrapper_keys: tuple[str, ...] = ("m
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as error:  # safetensors' SafetensorError (truncated, bad header) is a bare Exception
+            raise ValueError(f"{path} is not a readable safetensors file ({error})") from None
     try:
         data = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as error:

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from harmon.checkpoints import CheckpointKeyError, IncompleteFolderError
 from harmon.cli import main
 from harmon.pipelines import HarmonPipeline
-from harmon.testing import tiny_pipeline
+from harmon.testing import tiny_model, tiny_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -197,3 +197,21 @@ def test_cli_verbs_refuse_a_damaged_folder_in_one_line(saved, tmp_path, capsys, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(expected[0].split("/")[0] in line for line in err), err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing-tensor"])
+def test_a_damaged_saved_model_folder_is_refused_naming_the_file(tmp_path, damage):
+    from harmon.model import HarmonModel
+
+    folder = tmp_path / "model"
+    tiny_model().save_pretrained(folder)
+    weights = folder / HarmonModel.WEIGHTS_NAME
+    if damage == "truncated":
+        truncate(HarmonModel.WEIGHTS_NAME)(folder)
+        expected = (ValueError, "not a readable safetensors")
+    else:
+        edit_tensors(HarmonModel.WEIGHTS_NAME, drop(lambda s: "proj_out.0.weight"))(folder)
+        expected = (CheckpointKeyError, "missing keys: proj_out.0.weight")
+    with pytest.raises(expected[0], match=expected[1]) as caught:
+        HarmonModel.from_pretrained(folder)
+    assert str(weights) in str(caught.value)
