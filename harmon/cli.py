@@ -124,7 +124,9 @@ def cmd_generate(args) -> int:
     import torch
     from accelerate import PartialState
 
-    prompts = read_prompts(args.prompt, args.prompts_file)
+    from harmon.validation import check_texts
+
+    prompts = check_texts("--prompt", read_prompts(args.prompt, args.prompts_file))  # before loading anything
     state = PartialState()
     pipe = _load_pipeline(argparse.Namespace(**{**vars(args), "device": args.device or str(state.device)}))
     pipe.set_progress_bar_config(disable=not state.is_local_main_process)

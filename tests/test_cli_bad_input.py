@@ -38,6 +38,8 @@ GENERATE_CASES = [
     (["--batch-size", "two"], "--batch-size"),  # argparse's own type error, made one line
     (["--sampler", "turbo"], "--sampler"),
     (["--prompts-file", "/nonexistent/prompts.json"], "--prompts-file"),
+    (["--prompt", "   "], r"--prompt[1] is empty"),
+    (["--prompt", "x" * 100_001], r"--prompt[1] has 100001 characters"),
     (["--num-images", "1000000"], "--num-images"),  # the documented limit (harmon.validation), before loading
     (["--num-images", "100", "--batch-size", "3"], "--num-images × --batch-size"),
 ]

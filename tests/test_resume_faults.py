@@ -150,6 +150,28 @@ def test_a_bad_training_image_names_its_file(shapes, tmp_path, damage):
         dataset[("text_to_image", 1, 0)]
 
 
+@pytest.mark.parametrize(
+    "entry,message",
+    [
+        ({"image": ["a.png"], "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+         "entry 1: 'image' must be a path string"),
+        ({"image": "a.png", "conversations": "not a list"}, "entry 1: 'conversations' must be a list"),
+        ({"image": "a.png", "conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "a"}]},
+         "entry 1: 'conversations' must be a list"),
+    ],
+)
+def test_a_bad_llava_entry_is_found_up_front_naming_it(tmp_path, entry, message):
+    from harmon.training.config import LlavaSource
+    from harmon.training.data import LlavaRecords
+
+    good = {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}
+    path = tmp_path / "llava.json"
+    path.write_text(json.dumps([good, entry]))
+    data = DataConfig(ratios={"image_to_text": 1}, image_to_text=[{"format": "llava", "path": str(path)}])
+    with pytest.raises(ValueError, match=rf"llava.json: {message}"):
+        LlavaRecords(LlavaSource(path=path), data)
+
+
 def test_train_check_reads_the_data_up_front(shapes, tmp_path, capsys):
     folder, _ = caption_data(shapes, tmp_path)
     with (folder / "text.jsonl").open("ab") as handle:

@@ -109,11 +109,13 @@ class LlavaRecords:
         self.image_folder = data.resolve(source.image_folder) if source.image_folder else path.parent
         self.entries: list[dict[str, Any]] = []
         self.skipped = 0
-        for entry in _read_json_list(path, "LLaVA conversations"):
-            turns = conversation_turns(entry.get("conversations", [])) if isinstance(entry, dict) else []
+        for i, entry in enumerate(_read_json_list(path, "LLaVA conversations")):
+            turns = _checked_turns(entry, path, i) if isinstance(entry, dict) else []
             if not isinstance(entry, dict) or "image" not in entry or not turns:
                 self.skipped += 1  # text-only or empty conversations have no place in the image→text task
                 continue
+            if not isinstance(entry["image"], str):
+                raise ValueError(f"{path}: entry {i}: 'image' must be a path string, got {entry['image']!r}")
             self.entries.append({"image": entry["image"], "turns": turns})
         if not self.entries:
             raise ValueError(f"{path}: no conversation with an image")
@@ -123,6 +125,15 @@ class LlavaRecords:
 
     def image(self, index: int) -> Image.Image:
         return load_rgb(self.image_folder / self.entries[index]["image"])
+
+
+def _checked_turns(entry: dict, path: Path, index: int) -> list[tuple[str, str]]:
+    conversations = entry.get("conversations", [])
+    if not isinstance(conversations, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("value", ""), str) for m in conversations
+    ):
+        raise ValueError(f"{path}: entry {index}: 'conversations' must be a list of {{'from', 'value': str}} messages")
+    return conversation_turns(conversations)
 
 
 def conversation_turns(conversations: Sequence[dict]) -> list[tuple[str, str]]:
