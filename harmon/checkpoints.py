@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -160,20 +160,20 @@ def check_weights_folder(folder: str | os.PathLike, module: nn.Module) -> None:
     check_state_dict(module, safetensors_shapes(files), label, optional=tied_parameter_names(module))
 
 
-def _meta_module(folder: Path, library: str, class_name: str) -> nn.Module | None:
-    """The model class ``library.class_name`` built from ``folder``'s config on the meta device (no memory, no
-    weights); ``None`` for a component without weights (tokenizer, scheduler)."""
+def _component_class(folder: Path, library: str, class_name: str) -> type:
     import importlib
 
-    from diffusers import ModelMixin
-    from transformers import AutoConfig, PreTrainedModel
-
     try:
-        component_class = getattr(importlib.import_module(library), class_name)
+        return getattr(importlib.import_module(library), class_name)
     except (ImportError, AttributeError) as error:
         raise IncompleteFolderError(f"{folder}: cannot import its class {library}.{class_name} ({error})") from None
-    if not isinstance(component_class, type) or not issubclass(component_class, (PreTrainedModel, ModelMixin)):
-        return None
+
+
+def _meta_module(folder: Path, component_class: type) -> nn.Module:
+    """``component_class`` (a transformers or diffusers model) built from ``folder``'s config on the meta device:
+    no memory, no weights."""
+    from transformers import AutoConfig, PreTrainedModel
+
     config_file = folder / "config.json"
     read_json_file(config_file, "model config")  # missing or corrupt: named here, not deep inside a library
     try:
@@ -182,32 +182,55 @@ def _meta_module(folder: Path, library: str, class_name: str) -> nn.Module | Non
                 return component_class(AutoConfig.from_pretrained(str(folder)))
             return component_class.from_config(component_class.load_config(str(folder)))
     except (ValueError, TypeError, KeyError, OSError) as error:
-        raise IncompleteFolderError(f"{config_file} does not describe a {class_name} ({error})") from None
+        raise IncompleteFolderError(f"{config_file} does not describe a {component_class.__name__} ({error})") from None
 
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
 
 
+def check_component_folder(folder: Path, component_class: type, build: Callable[[Path], nn.Module] | None = None) -> None:
+    """One component folder of a pipeline: every JSON file in it readable; a tokenizer or processor has its
+    ``tokenizer_config.json`` and vocabulary (:data:`TOKENIZER_FILES`); a scheduler its ``scheduler_config.json``;
+    a model (transformers / diffusers, or what ``build`` returns) exactly the tensors its config builds."""
+    from diffusers import ModelMixin, SchedulerMixin
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
+
+    for json_file in sorted(folder.glob("*.json")):
+        read_json_file(json_file, "JSON file")
+    if issubclass(component_class, (PreTrainedTokenizerBase, ProcessorMixin)):
+        read_json_file(folder / "tokenizer_config.json", "tokenizer config")
+        if not any((folder / file).is_file() for file in TOKENIZER_FILES):
+            raise IncompleteFolderError(f"{folder} holds no vocabulary (none of {', '.join(TOKENIZER_FILES)})")
+    elif issubclass(component_class, SchedulerMixin):
+        read_json_file(folder / "scheduler_config.json", "scheduler config")
+    if build is not None:
+        check_weights_folder(folder, build(folder))
+    elif issubclass(component_class, (PreTrainedModel, ModelMixin)):
+        check_weights_folder(folder, _meta_module(folder, component_class))
+
+
 def check_pipeline_folder(
     path: str | os.PathLike,
     class_name: str,
-    required: tuple[str, ...],
+    required: Sequence[str],
     build: Mapping[str, Callable[[Path], nn.Module]] | None = None,
 ) -> None:
     """Check a ``save_pretrained`` pipeline folder before anything is loaded from it.
 
-    ``model_index.json`` must be readable and name ``class_name`` and every ``required`` component; each
-    component folder must exist; a tokenizer needs its ``tokenizer_config.json`` and vocabulary
-    (:data:`TOKENIZER_FILES`), a scheduler its ``scheduler_config.json``; every model component's safetensors
-    must hold exactly the tensors its config builds (``build[name](folder)`` or the class ``model_index.json``
-    names, on the meta device). Errors name the file, the component and the keys."""
+    ``model_index.json`` must be readable and name ``class_name`` and every ``required`` component as
+    ``[library, class]``; each component folder must exist and pass :func:`check_component_folder` (a model
+    component built by ``build[name](folder)`` when given, else from the class ``model_index.json`` names).
+    Errors name the file, the component and the keys."""
     path = Path(path)
     index_file = path / "model_index.json"
     if not index_file.is_file():
         raise IncompleteFolderError(f"{path} is not a pipeline folder: model_index.json is missing")
     index = read_json_file(index_file, "pipeline index")
-    if index.get("_class_name") != class_name:
-        raise IncompleteFolderError(f"{path} holds a {index.get('_class_name')!r} pipeline, not a {class_name}")
+    found = index.get("_class_name")
+    if isinstance(found, list) and found:  # ["module", "Class"]: diffusers' custom-class form
+        found = found[-1]
+    if found != class_name:
+        raise IncompleteFolderError(f"{path} holds a {found!r} pipeline, not a {class_name}")
     build = build or {}
     for name in required:
         entry = index.get(name)
@@ -216,18 +239,4 @@ def check_pipeline_folder(
         folder = path / name
         if not folder.is_dir():
             raise IncompleteFolderError(f"{path} is not a complete {class_name}: {name}/ is missing")
-        library, component_class = entry
-        if name in build:
-            module = build[name](folder)
-        elif "Tokenizer" in component_class:
-            read_json_file(folder / "tokenizer_config.json", "tokenizer config")
-            if not any((folder / file).is_file() for file in TOKENIZER_FILES):
-                raise IncompleteFolderError(f"{folder} holds no vocabulary (none of {', '.join(TOKENIZER_FILES)})")
-            continue
-        elif "Scheduler" in component_class:
-            read_json_file(folder / "scheduler_config.json", "scheduler config")
-            continue
-        else:
-            module = _meta_module(folder, library, component_class)
-        if module is not None:
-            check_weights_folder(folder, module)
+        check_component_folder(folder, _component_class(folder, *entry), build.get(name))

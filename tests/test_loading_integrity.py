@@ -110,7 +110,7 @@ CASES = {
     "llm-header-only": (truncate(LLM, keep=6), IncompleteFolderError, [LLM, "not a readable safetensors"]),
     "llm-weights-missing": (remove(LLM), IncompleteFolderError, ["llm", r"no \*.safetensors"]),
     "llm-config-corrupt": (write("llm/config.json", '{"hidden_size": '), IncompleteFolderError,
-                           ["llm/config.json", "not a readable model config"]),
+                           ["llm/config.json", "is not a readable"]),
     "llm-config-missing": (remove("llm/config.json"), IncompleteFolderError, ["llm/config.json", "missing"]),
     "llm-config-other-shape": (
         lambda f: (f / "llm/config.json").write_text(json.dumps(
@@ -132,9 +132,9 @@ CASES = {
     "tokenizer-vocabulary-missing": (remove("tokenizer/tokenizer.json"), IncompleteFolderError,
                                      ["tokenizer", "holds no vocabulary"]),
     "tokenizer-config-corrupt": (write("tokenizer/tokenizer_config.json", "{"), IncompleteFolderError,
-                                 ["tokenizer/tokenizer_config.json", "not a readable tokenizer config"]),
+                                 ["tokenizer/tokenizer_config.json", "is not a readable"]),
     "scheduler-config-corrupt": (write("scheduler/scheduler_config.json", "nope"), IncompleteFolderError,
-                                 ["scheduler/scheduler_config.json", "not a readable scheduler config"]),
+                                 ["scheduler/scheduler_config.json", "is not a readable"]),
     "scheduler-folder-missing": (remove("scheduler"), IncompleteFolderError, ["scheduler/ is missing"]),
     # the index
     "index-corrupt": (write("model_index.json", '{"_class_name": "HarmonPipeline",'), IncompleteFolderError,

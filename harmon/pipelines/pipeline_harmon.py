@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -135,7 +136,7 @@ class HarmonPipeline(DiffusionPipeline):
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         # every component strictly, before loading (harmon.checkpoints): transformers would re-initialise a
         # missing LLM tensor and build a tokenizer from nothing; errors name the file and the keys
-        check_pipeline_folder(path, cls.__name__, ("tokenizer", "llm", "harmon", "vae", "scheduler"),
+        check_pipeline_folder(path, cls.__name__, list(inspect.signature(cls.__init__).parameters)[1:],
                               build={"harmon": _meta_core})
         attn_implementation = kwargs.pop("attn_implementation", None)
         if "torch_dtype" in kwargs:  # diffusers' older spelling
