@@ -152,18 +152,28 @@ def check_generation_arguments(
     generator: Any,
     callback_on_step_end: Any,
     negative_prompt: Any,
+    prompt_input_ids: Any = None,
 ) -> None:
-    """The prompts, numbers, generators and callback of ``HarmonPipeline.__call__`` (types, finiteness, limits)."""
-    num_prompts = len(check_texts("prompt", prompt))
-    check_number("guidance_scale", guidance_scale, minimum=1)
+    """The prompts, numbers, generators and callback of ``HarmonPipeline.__call__`` (types, finiteness, limits).
+    With ready ``prompt_input_ids`` rows (``[cond; uncond]`` when guided) instead of ``prompt``, their count."""
+    guidance = check_number("guidance_scale", guidance_scale, minimum=1)
+    if prompt is None and prompt_input_ids is not None:
+        num_prompts = len(prompt_input_ids) // (2 if guidance > 1 else 1)
+    else:
+        num_prompts = len(check_texts("prompt", prompt))
     check_number("temperature", temperature, minimum=0, exclusive_minimum=True)
     per_prompt = check_int("num_images_per_prompt", num_images_per_prompt, minimum=1, maximum=MAX_IMAGES_PER_CALL)
     check_int("num_inference_steps", num_inference_steps, minimum=1)
     check_batch("num_images_per_prompt", num_prompts * per_prompt)
     check_generator("generator", generator, num_prompts * per_prompt)
     check_callback("callback_on_step_end", callback_on_step_end)
-    if negative_prompt is not None:
-        check_text("negative_prompt", negative_prompt)
+    negatives = [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
+    if isinstance(negatives, (list, tuple)):  # one for all or one per prompt; "" means the default
+        for i, text in enumerate(negatives):
+            check_text("negative_prompt" if isinstance(negative_prompt, str) else f"negative_prompt[{i}]", text,
+                       allow_empty=True)
+    elif negative_prompt is not None:
+        raise TypeError(f"negative_prompt must be a string or a list of strings, got {_type_name(negative_prompt)}")
 
 
 def check_understanding_arguments(
