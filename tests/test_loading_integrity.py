@@ -47,6 +47,15 @@ def generate(pipe) -> torch.Tensor:
                 output_type="pt").images
 
 
+def tokenizer_component(folder: Path) -> str:
+    """The component folder holding the tokenizer (``tokenizer/``, or a processor's folder)."""
+    return next(path.parent.name for path in sorted(folder.glob("*/tokenizer.json")))
+
+
+def resolve(folder: Path, relative: str) -> Path:
+    return folder / relative.format(tok=tokenizer_component(folder))
+
+
 def edit_tensors(relative: str, change):
     def apply(folder: Path) -> None:
         path = folder / relative
@@ -80,12 +89,12 @@ def truncate(relative: str, keep: int | None = None):
 
 
 def write(relative: str, text: str):
-    return lambda folder: (folder / relative).write_text(text)
+    return lambda folder: resolve(folder, relative).write_text(text)
 
 
 def remove(relative: str):
     def apply(folder: Path) -> None:
-        path = folder / relative
+        path = resolve(folder, relative)
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     return apply
 
@@ -128,11 +137,11 @@ CASES = {
     "core-config-corrupt": (write("harmon/config.json", "[1, 2"), IncompleteFolderError,
                             ["harmon/config.json", "not a readable"]),
     # tokenizer and scheduler
-    "tokenizer-folder-missing": (remove("tokenizer"), IncompleteFolderError, ["tokenizer/ is missing"]),
-    "tokenizer-vocabulary-missing": (remove("tokenizer/tokenizer.json"), IncompleteFolderError,
-                                     ["tokenizer", "holds no vocabulary"]),
-    "tokenizer-config-corrupt": (write("tokenizer/tokenizer_config.json", "{"), IncompleteFolderError,
-                                 ["tokenizer/tokenizer_config.json", "is not a readable"]),
+    "tokenizer-folder-missing": (remove("{tok}"), IncompleteFolderError, ["{tok}/ is missing"]),
+    "tokenizer-vocabulary-missing": (remove("{tok}/tokenizer.json"), IncompleteFolderError,
+                                     ["{tok}", "holds no vocabulary"]),
+    "tokenizer-config-corrupt": (write("{tok}/tokenizer_config.json", "{"), IncompleteFolderError,
+                                 ["{tok}/tokenizer_config.json", "is not a readable"]),
     "scheduler-config-corrupt": (write("scheduler/scheduler_config.json", "nope"), IncompleteFolderError,
                                  ["scheduler/scheduler_config.json", "is not a readable"]),
     "scheduler-folder-missing": (remove("scheduler"), IncompleteFolderError, ["scheduler/ is missing"]),
@@ -158,6 +167,7 @@ def test_a_damaged_pipeline_folder_is_refused_naming_the_file_and_key(pipe, save
     damage, error, expected = CASES[case]
     folder = tmp_path / case
     shutil.copytree(saved, folder)
+    expected = [part.format(tok=tokenizer_component(folder)) for part in expected]
     damage(folder)
     before = folder_digest(folder)
     reference = generate(pipe)
@@ -190,6 +200,7 @@ def test_cli_verbs_refuse_a_damaged_folder_in_one_line(saved, tmp_path, capsys, 
     damage, _, expected = CASES[case]
     folder = tmp_path / case
     shutil.copytree(saved, folder)
+    expected = [part.format(tok=tokenizer_component(folder)) for part in expected]
     damage(folder)
     out = tmp_path / "out"
     assert main(["generate", str(folder), "--prompt", "a cat", "--steps", "2", "--out", str(out)]) == 2

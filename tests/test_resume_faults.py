@@ -66,6 +66,33 @@ def test_an_override_that_is_not_yaml_is_named(capsys):
     assert "override 'training.max_steps=[1'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ("optimizer.betas=[.nan, 0.95]", "optimizer.betas"),
+        ("optimizer.weight_decay=.inf", "optimizer.weight_decay"),
+        ("optimizer.max_grad_norm=.inf", "optimizer.max_grad_norm"),
+        ("loss_weights.text=.inf", "loss_weights.text"),
+        ("learning_rates.encoder=.nan", "learning_rates.encoder"),
+        ("data.cfg_drop_prob=.nan", "data.cfg_drop_prob"),
+    ],
+)
+def test_non_finite_recipe_numbers_are_refused_naming_the_field(capsys, override, field):
+    assert train_main(["--config", str(SMOKE), "-o", override, "--check"]) == 2
+    err = capsys.readouterr().err
+    assert f"{field}" in err and "finite number" in err, err
+
+
+def test_non_finite_model_config_numbers_are_refused():
+    from pydantic import ValidationError
+
+    from harmon.configs import HarmonConfig
+
+    for field in ("vae_scale", "visual_grad_scale"):
+        with pytest.raises(ValidationError, match=field):
+            HarmonConfig.from_preset("tiny", **{field: float("inf")})
+
+
 # -------------------------------------------------------------------------------------------------- data
 def text_source(tmp_path: Path, lines: list[bytes], name: str = "docs.jsonl") -> TextRecords:
     path = tmp_path / name

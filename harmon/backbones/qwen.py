@@ -21,7 +21,7 @@ class QwenBackboneConfig(BaseModel):
     """The Qwen2 architecture fields Harmon uses (everything else keeps transformers' defaults). Numbers are
     strict (``"64"`` or ``True`` is no size) and the attention shape is checked, each error naming its field."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     vocab_size: PositiveInt = 151936
     hidden_size: PositiveInt = 896

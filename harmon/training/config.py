@@ -45,7 +45,7 @@ the decoder's (as the recipes of the paper state), a decoupled understanding enc
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # .nan / .inf in a recipe: refused, named
 
 
 def _check_files(info: ValidationInfo) -> bool:
