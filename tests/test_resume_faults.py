@@ -253,6 +253,37 @@ def test_resume_after_a_kill_logs_every_step_once(shapes, killed_run, tmp_path):
     assert logged_steps(output_dir) == [1, 2, 3, 4, 5]
 
 
+KILL_AT_STEP_3 = """
+import os, signal, sys
+from harmon.training.config import load_config
+from harmon.training.trainer import Trainer
+
+def kill(trainer, record):
+    if record["step"] == 3:  # step 3 is logged; its checkpoint (every 2 steps) never comes
+        os.kill(os.getpid(), signal.SIGKILL)
+
+config = load_config(sys.argv[1], overrides=sys.argv[2:])
+Trainer(config, callbacks=[kill]).train()
+"""
+
+
+def test_a_real_kill_9_then_resume_logs_every_step_once(shapes, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    output_dir = tmp_path / "run"
+    overrides = [f"data.root={shapes}", f"output_dir={output_dir}", *(f"{k}={v}" for k, v in OVERRIDES.items())]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, "-c", KILL_AT_STEP_3, str(SMOKE), *overrides], env=env,
+                            capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert logged_steps(output_dir) == [1, 2, 3]
+    reset_accelerate_state()
+    Trainer(load_config(SMOKE, overrides=overrides), resume="latest").train()
+    assert logged_steps(output_dir) == [1, 2, 3, 4, 5]
+
+
 def test_truncate_metrics_keeps_the_steps_up_to_the_checkpoint(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("".join(json.dumps({"step": s, "loss": 0.1}) + "\n" for s in (1, 2, 3, 4)) + '{"step": 5')
