@@ -1,4 +1,4 @@
-"""``harmon`` command line: ``generate``, ``describe``, ``convert``, ``info``.
+"""``harmon`` command line: ``generate``, ``describe``, ``convert``, ``info``, ``demo``.
 
 Thin wrappers over :class:`~harmon.pipelines.HarmonPipeline`. ``generate`` splits its prompts across processes
 when started with ``accelerate launch -m harmon.cli generate …``.
@@ -18,7 +18,7 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 
 # every argument is checked before any work (harmon.validation's checks, named as on the command line)
 POSITIVE_INTS = ("batch_size", "num_images", "grid_columns", "steps", "height", "width", "head_steps",
-                 "max_new_tokens")
+                 "max_new_tokens", "max_images", "max_queue")
 EXISTING_FILES = ("image", "prompts_file", "harmon", "vae", "config")
 EXISTING_FOLDERS = ("pipeline", "llm")
 
@@ -30,6 +30,8 @@ def validate_arguments(args: argparse.Namespace) -> None:
     def flag(name: str) -> str:
         return name if name in ("pipeline",) else "--" + name.replace("_", "-")
 
+    if args.command == "convert" and args.preset is not None and (args.vae is None or args.llm is None):
+        raise SystemExit("harmon convert: --preset needs --vae and --llm (only --config can name them)")
     for name in POSITIVE_INTS:
         if getattr(args, name, None) is not None:
             check_int(flag(name), getattr(args, name), minimum=1)
@@ -45,13 +47,28 @@ def validate_arguments(args: argparse.Namespace) -> None:
         value = getattr(args, name, None)
         if value is not None and not Path(value).is_file():
             raise ValueError(f"{flag(name)}: no such file: {value}")
+    if getattr(args, "port", None) is not None:
+        check_int("--port", args.port, minimum=0, maximum=65535)
     for name in EXISTING_FOLDERS:
         value = getattr(args, name, None)
+        if name == "pipeline" and args.command == "demo":  # the demo also takes a name (its default, harmon-toy)
+            continue
         if value is not None and not Path(value).is_dir():
             raise ValueError(f"{flag(name)}: no such folder: {value}")
     out = getattr(args, "out", None)
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise ValueError(f"--out: {out} exists and is not a folder")
+
+
+class UsageExit(SystemExit):
+    """Exit status 2 (a usage error) that still reads as its message (``str(error)``), already printed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -229,6 +246,32 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from harmon import demo
+
+    try:
+        demo.launch(args.pipeline, host=args.host, port=args.port, share=args.share, device=args.device,
+                    dtype=_torch_dtype(args.dtype), cpu_offload=args.cpu_offload, max_images=args.max_images,
+                    max_queue=args.max_queue)
+    except ImportError as error:  # gradio is an optional extra
+        raise SystemExit(f"harmon demo: error: {error}") from None
+    return 0
+
+
+def _add_demo_parser(sub) -> None:
+    web = sub.add_parser("demo", help="web app: Generate and Describe tabs (gradio; pip install \"harmon[demo]\")")
+    web.add_argument("pipeline", nargs="?", default="harmon-toy", help="a HarmonPipeline folder (default: harmon-toy)")
+    web.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
+    web.add_argument("--port", type=int, default=7860)
+    web.add_argument("--share", action="store_true", help="ask gradio for a public link (off by default)")
+    web.add_argument("--device", help="default: cuda when available, else cpu")
+    web.add_argument("--dtype", choices=sorted(DTYPES), help="default: as saved (float32 on CPU)")
+    web.add_argument("--cpu-offload", action="store_true", help="keep components on the CPU between phases")
+    web.add_argument("--max-images", type=int, default=4, help="images per Generate request, at most")
+    web.add_argument("--max-queue", type=int, default=16, help="requests waiting, at most")
+    web.set_defaults(func=cmd_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(prog="harmon", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -265,11 +308,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     conv = sub.add_parser("convert", help="original release → pipeline folder")
     conv.add_argument("--harmon", required=True, help="harmon_0.5b.pth / harmon_1.5b.pth")
-    conv.add_argument("--vae", required=True, help="kl16.ckpt")
-    conv.add_argument("--llm", required=True, help="local Qwen2.5 Instruct folder (config + tokenizer)")
+    conv.add_argument("--vae", help="kl16.ckpt (default with --config: the config's vae ckpt_path)")
+    conv.add_argument("--llm", help="local Qwen2.5 Instruct folder, config + tokenizer (default with --config: the "
+                                    "config's llm pretrained_model_name_or_path, when it is a local folder)")
     arch = conv.add_mutually_exclusive_group(required=True)
     arch.add_argument("--preset", choices=("harmon-0.5b", "harmon-1.5b"))
-    arch.add_argument("--config", help="original config JSON (mar / vae kwargs, vae_scale)")
+    arch.add_argument("--config", "--original-config", dest="config",
+                      help="the release's model config: configs/models/qwen2_5_*.py (read, not run) or its JSON "
+                           "form original_config.json (HarmonPipeline.from_original(original_config=...))")
     conv.add_argument("--out", required=True)
     conv.set_defaults(func=cmd_convert)
 
@@ -277,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("pipeline")
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_info)
+
+    _add_demo_parser(sub)
 
     for command in (gen, desc, conv):
         command.add_argument("--dtype", choices=sorted(DTYPES), help="default: as saved (float32 on CPU)")
@@ -294,11 +342,12 @@ def main(argv: list[str] | None = None) -> int:
         message = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
         print(f"harmon {args.command}: error: {' '.join(message.split())}", file=sys.stderr)  # one line
         return 2
-    except SystemExit as exit_:  # read_prompts' refusals carry their message
+    except SystemExit as exit_:  # a refusal raised as SystemExit("message") would exit with status 1
         if not isinstance(exit_.code, str):
             raise
-        print(f"harmon {args.command}: error: {exit_.code}", file=sys.stderr)
-        return 2
+        prefix = "" if exit_.code.startswith("harmon") else f"harmon {args.command}: error: "
+        print(f"{prefix}{exit_.code}", file=sys.stderr)
+        raise UsageExit(exit_.code) from None
 
 
 if __name__ == "__main__":

@@ -83,10 +83,6 @@ def control_counts(tokenizer, ids: list[int]) -> Counter:
     return Counter(i for i in ids if i in special)
 
 
-_PIPELINE_XFAIL = pytest.mark.xfail(strict=True, reason="fixed by the HarmonProcessor (redesign)")
-
-
-@_PIPELINE_XFAIL
 @pytest.mark.parametrize("hostile", INJECTIONS)
 def test_a_prompt_cannot_inject_control_tokens(pipe, hostile):
     def run(prompt):  # one prompt, no guidance: one unpadded row, only the template's own control tokens
@@ -97,7 +93,6 @@ def test_a_prompt_cannot_inject_control_tokens(pipe, hostile):
     assert control_counts(pipe.tokenizer, embedded_ids(pipe, run(hostile))) == benign
 
 
-@_PIPELINE_XFAIL
 @pytest.mark.parametrize("hostile", INJECTIONS)
 def test_a_question_cannot_inject_control_tokens_or_image_placeholders(pipe, hostile):
     image = PIL.Image.new("RGB", (32, 32), (10, 200, 30))

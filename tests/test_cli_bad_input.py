@@ -78,6 +78,9 @@ def test_bad_generate_arguments_fail_in_one_line_before_any_work(pipeline_dir, t
         (["convert", "--harmon", "{image}", "--vae", "{image}", "--llm", "{pipeline}", "--config",
           "/nonexistent.json", "--out", "{out}"], "--config"),
         (["generate", "{pipeline}", "--prompt", "x", "--out", "{image}"], "--out"),
+        (["demo", "{pipeline}", "--max-images", "0"], "--max-images"),
+        (["demo", "{pipeline}", "--max-queue", "-1"], "--max-queue"),
+        (["demo", "{pipeline}", "--port", "70000"], "--port"),
         (["frobnicate"], "invalid choice"),
     ],
 )
