@@ -57,9 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.check:
         from harmon.training.data import MultiTaskDataset
+        from harmon.training.synthetic import shapes_dataset_complete
 
+        synthetic_to_write = config.data.synthetic is not None and not shapes_dataset_complete(config.data.root)
         try:
-            MultiTaskDataset(config.data)  # reads every record index up front: a corrupt line is named file:line
+            if not synthetic_to_write:  # (synthetic data not yet written: nothing to read)
+                MultiTaskDataset(config.data)  # reads every record index up front: a bad line is named file:line
         except (ValueError, KeyError, OSError) as error:
             print(f"invalid training data for {args.config}: {error}", file=sys.stderr)
             return 2
