@@ -120,18 +120,23 @@ class HarmonPipeline(DiffusionPipeline):
     def from_original(
         cls,
         harmon_checkpoint: str | os.PathLike,
-        vae_checkpoint: str | os.PathLike,
-        llm_folder: str | os.PathLike,
+        vae_checkpoint: str | os.PathLike | None = None,
+        llm_folder: str | os.PathLike | None = None,
         *,
         original_config: str | os.PathLike | dict | None = None,
         preset: str | None = None,
         attn_implementation: str = "auto",
     ) -> "HarmonPipeline":
-        """Convert the original release (``harmon_*.pth``, ``kl16.ckpt``, a Qwen folder with its tokenizer)."""
+        """Convert the original release (``harmon_*.pth``, ``kl16.ckpt``, a Qwen folder with its tokenizer).
+
+        ``original_config`` (the CLI's ``--config``): the release's ``configs/models/*.py`` (read, not run), or
+        its JSON form; ``vae_checkpoint`` / ``llm_folder`` then default to the ones it names. Or a ``preset``."""
         from transformers import AutoTokenizer
 
-        from harmon.conversion import load_original_harmon
+        from harmon.conversion import load_original_harmon, resolve_original_files
 
+        original_config, vae_checkpoint, llm_folder = resolve_original_files(  # the files the config names
+            vae_checkpoint, llm_folder, original_config)
         model = load_original_harmon(
             harmon_checkpoint, vae_checkpoint, llm_folder, original_config=original_config, preset=preset,
             attn_implementation=attn_implementation,
