@@ -123,6 +123,8 @@ def cmd_convert(args) -> int:
     from harmon.configs import to_original_config
     from harmon.pipelines import HarmonPipeline
 
+    if args.preset is not None and (args.vae is None or args.llm is None):
+        raise SystemExit("harmon convert: --preset needs --vae and --llm (only --config can name them)")
     pipe = HarmonPipeline.from_original(
         args.harmon, args.vae, args.llm, original_config=args.config, preset=args.preset,
     )
@@ -244,11 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     conv = sub.add_parser("convert", help="original release → pipeline folder")
     conv.add_argument("--harmon", required=True, help="harmon_0.5b.pth / harmon_1.5b.pth")
-    conv.add_argument("--vae", required=True, help="kl16.ckpt")
-    conv.add_argument("--llm", required=True, help="local Qwen2.5 Instruct folder (config + tokenizer)")
+    conv.add_argument("--vae", help="kl16.ckpt (default with --config: the config's vae ckpt_path)")
+    conv.add_argument("--llm", help="local Qwen2.5 Instruct folder, config + tokenizer (default with --config: the "
+                                    "config's llm pretrained_model_name_or_path, when it is a local folder)")
     arch = conv.add_mutually_exclusive_group(required=True)
     arch.add_argument("--preset", choices=("harmon-0.5b", "harmon-1.5b"))
-    arch.add_argument("--config", help="original config JSON (mar / vae kwargs, vae_scale)")
+    arch.add_argument("--config", "--original-config", dest="config",
+                      help="the release's model config: configs/models/qwen2_5_*.py (read, not run) or its JSON "
+                           "form original_config.json (HarmonPipeline.from_original(original_config=...))")
     conv.add_argument("--out", required=True)
     conv.set_defaults(func=cmd_convert)
 
