@@ -295,14 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--dtype", choices=sorted(DTYPES), help="default: as saved (float32 on CPU)")
     for command in (gen, desc):
         command.add_argument("--device", help="default: cuda when available, else cpu")
-    for command in (gen, desc, conv, info):
+    for command in (gen, desc, conv, info, sub.choices["demo"]):
         add_threads_argument(command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    apply_threads(args.threads)
+    apply_threads(getattr(args, "threads", None))
     try:
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError, OSError, KeyError) as error:
