@@ -233,7 +233,6 @@ def _add_demo_parser(sub) -> None:
     web.add_argument("--cpu-offload", action="store_true", help="keep components on the CPU between phases")
     web.add_argument("--max-images", type=positive_int, default=4, help="images per Generate request, at most")
     web.add_argument("--max-queue", type=positive_int, default=16, help="requests waiting, at most")
-    add_threads_argument(web)
     web.set_defaults(func=cmd_demo)
 
 
