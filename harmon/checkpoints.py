@@ -114,39 +114,59 @@ def read_json_file(path: str | os.PathLike, what: str = "JSON file") -> dict:
     return data
 
 
-def safetensors_files(folder: str | os.PathLike) -> list[Path]:
-    """The weight files of a ``save_pretrained`` folder: one ``*.safetensors`` or the shards its
-    ``*.safetensors.index.json`` lists (each checked to exist)."""
+WEIGHT_SUFFIXES = (".safetensors", ".bin")  # safetensors first: what transformers and diffusers prefer
+
+
+def _is_variant(name: str, variant: str | None) -> bool:
+    """``model.safetensors`` is no variant's, ``model.fp16.safetensors`` / ``model.safetensors.index.fp16.json``
+    / ``model.fp16-00001-of-00002.safetensors`` are ``fp16``'s."""
+    parts = name.split(".")
+    tagged = [part.split("-")[0] for part in parts[1:-1] if part not in ("safetensors", "bin", "index")]
+    return tagged == ([variant] if variant else [])
+
+
+def weight_files(folder: str | os.PathLike, variant: str | None = None) -> list[Path]:
+    """The weight files of a ``save_pretrained`` folder for ``variant``: the shards an index lists (each
+    checked to exist), else the ``*.safetensors`` files, else the pickled ``*.bin`` ones."""
     folder = Path(folder)
-    indexes = sorted(folder.glob("*.safetensors.index.json"))
-    if indexes:
-        weight_map = read_json_file(indexes[0], "safetensors index").get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise IncompleteFolderError(f"{indexes[0]} has no weight_map")
-        files = [folder / name for name in sorted(set(weight_map.values()))]
-        for file in files:
-            if not file.is_file():
-                raise IncompleteFolderError(f"{file} is missing (listed in {indexes[0].name})")
-        return files
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise IncompleteFolderError(f"{folder} holds no *.safetensors weights file")
-    return files
+    for suffix in WEIGHT_SUFFIXES:
+        indexes = sorted(p for p in folder.glob(f"*{suffix}.index*.json") if _is_variant(p.name, variant))
+        if indexes:
+            weight_map = read_json_file(indexes[0], "weights index").get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise IncompleteFolderError(f"{indexes[0]} has no weight_map")
+            files = [folder / name for name in sorted(set(weight_map.values()))]
+            for file in files:
+                if not file.is_file():
+                    raise IncompleteFolderError(f"{file} is missing (listed in {indexes[0].name})")
+            return files
+    for suffix in WEIGHT_SUFFIXES:
+        files = sorted(p for p in folder.glob(f"*{suffix}") if _is_variant(p.name, variant))
+        if files:
+            return files
+    which = f" for variant={variant}" if variant else ""
+    raise IncompleteFolderError(f"{folder} holds no weights file{which} (*.safetensors or *.bin)")
 
 
-def safetensors_shapes(files: list[Path]) -> dict[str, torch.Tensor]:
-    """Every tensor's name → an empty meta tensor of its shape, read from the headers only; a truncated or
-    corrupt file raises naming it."""
+def weight_shapes(files: list[Path]) -> dict[str, torch.Tensor]:
+    """Every tensor's name → an empty meta tensor of its shape (safetensors: from the headers only; pickles:
+    loaded with ``weights_only=True`` onto the meta device); a truncated or corrupt file raises naming it."""
     from safetensors import safe_open
 
     shapes: dict[str, torch.Tensor] = {}
     for file in files:
         try:
-            with safe_open(str(file), framework="pt") as handle:
-                for key in handle.keys():
-                    shapes[key] = torch.empty(handle.get_slice(key).get_shape(), device="meta")
+            if file.suffix == ".safetensors":
+                with safe_open(str(file), framework="pt") as handle:
+                    for key in handle.keys():
+                        shapes[key] = torch.empty(handle.get_slice(key).get_shape(), device="meta")
+            else:
+                data = torch.load(str(file), map_location="meta", weights_only=True)
+                if not isinstance(data, Mapping) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+                    raise ValueError("it does not hold a state dict of tensors")
+                shapes.update(data)
         except Exception as error:  # safetensors' SafetensorError (truncated, bad header) is a bare Exception
-            raise IncompleteFolderError(f"{file} is not a readable safetensors file ({error})") from None
+            raise IncompleteFolderError(f"{file} is not a readable weights file ({error})") from None
     return shapes
 
 
@@ -156,13 +176,13 @@ def tied_parameter_names(module: nn.Module) -> set[str]:
     return every - {name for name, _ in module.named_parameters()}
 
 
-def check_weights_folder(folder: str | os.PathLike, module: nn.Module) -> None:
+def check_weights_folder(folder: str | os.PathLike, module: nn.Module, variant: str | None = None) -> None:
     """Strict check of a component folder's safetensors against ``module`` (built on the meta device from the
     folder's config): missing, unexpected and mis-shaped tensors raise :class:`CheckpointKeyError` naming the file
     and the keys — transformers would only log a missing tensor and initialise it at random."""
-    files = safetensors_files(folder)
+    files = weight_files(folder, variant)
     label = str(files[0]) if len(files) == 1 else f"{folder} ({len(files)} shards)"
-    check_state_dict(module, safetensors_shapes(files), label, optional=tied_parameter_names(module))
+    check_state_dict(module, weight_shapes(files), label, optional=tied_parameter_names(module))
 
 
 def _component_class(folder: Path, library: str, class_name: str) -> type:
@@ -193,7 +213,9 @@ def _meta_module(folder: Path, component_class: type) -> nn.Module:
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
 
 
-def check_component_folder(folder: Path, component_class: type, build: Callable[[Path], nn.Module] | None = None) -> None:
+def check_component_folder(
+    folder: Path, component_class: type, build: Callable[[Path], nn.Module] | None = None, variant: str | None = None
+) -> None:
     """One component folder of a pipeline: every JSON file in it readable; a tokenizer or processor has its
     ``tokenizer_config.json`` and vocabulary (:data:`TOKENIZER_FILES`); a scheduler its ``scheduler_config.json``;
     a model (transformers / diffusers, or what ``build`` returns) exactly the tensors its config builds."""
@@ -209,9 +231,9 @@ def check_component_folder(folder: Path, component_class: type, build: Callable[
     elif issubclass(component_class, SchedulerMixin):
         read_json_file(folder / "scheduler_config.json", "scheduler config")
     if build is not None:
-        check_weights_folder(folder, build(folder))
+        check_weights_folder(folder, build(folder), variant)
     elif issubclass(component_class, (PreTrainedModel, ModelMixin)):
-        check_weights_folder(folder, _meta_module(folder, component_class))
+        check_weights_folder(folder, _meta_module(folder, component_class), variant)
 
 
 def check_pipeline_folder(
@@ -219,6 +241,7 @@ def check_pipeline_folder(
     class_name: str,
     required: Sequence[str],
     build: Mapping[str, Callable[[Path], nn.Module]] | None = None,
+    variant: str | None = None,
 ) -> None:
     """Check a ``save_pretrained`` pipeline folder before anything is loaded from it.
 
@@ -244,4 +267,4 @@ def check_pipeline_folder(
         folder = path / name
         if not folder.is_dir():
             raise IncompleteFolderError(f"{path} is not a complete {class_name}: {name}/ is missing")
-        check_component_folder(folder, _component_class(folder, *entry), build.get(name))
+        check_component_folder(folder, _component_class(folder, *entry), build.get(name), variant)

@@ -163,7 +163,8 @@ def check_generation_arguments(
         num_prompts = len(check_texts("prompt", prompt))
     check_number("temperature", temperature, minimum=0, exclusive_minimum=True)
     per_prompt = check_int("num_images_per_prompt", num_images_per_prompt, minimum=1, maximum=MAX_IMAGES_PER_CALL)
-    check_int("num_inference_steps", num_inference_steps, minimum=1)
+    if num_inference_steps is not None:  # None: the pipeline's default
+        check_int("num_inference_steps", num_inference_steps, minimum=1)
     check_batch("num_images_per_prompt", num_prompts * per_prompt)
     check_generator("generator", generator, num_prompts * per_prompt)
     check_callback("callback_on_step_end", callback_on_step_end)

@@ -115,9 +115,9 @@ CASES = {
                               CheckpointKeyError, [LLM, "unexpected keys: model.extra.weight"]),
     "llm-misshaped-tensor": (edit_tensors(LLM, reshape(lambda s: "model.norm.weight")), CheckpointKeyError,
                              [LLM, r"mis-shaped keys: model.norm.weight \(65,\) \(expected \(64,\)\)"]),
-    "llm-truncated": (truncate(LLM), IncompleteFolderError, [LLM, "not a readable safetensors"]),
-    "llm-header-only": (truncate(LLM, keep=6), IncompleteFolderError, [LLM, "not a readable safetensors"]),
-    "llm-weights-missing": (remove(LLM), IncompleteFolderError, ["llm", r"no \*.safetensors"]),
+    "llm-truncated": (truncate(LLM), IncompleteFolderError, [LLM, "not a readable weights file"]),
+    "llm-header-only": (truncate(LLM, keep=6), IncompleteFolderError, [LLM, "not a readable weights file"]),
+    "llm-weights-missing": (remove(LLM), IncompleteFolderError, ["llm", "holds no weights file"]),
     "llm-config-corrupt": (write("llm/config.json", '{"hidden_size": '), IncompleteFolderError,
                            ["llm/config.json", "is not a readable"]),
     "llm-config-missing": (remove("llm/config.json"), IncompleteFolderError, ["llm/config.json", "missing"]),
@@ -130,8 +130,8 @@ CASES = {
                            [VAE, "missing keys: decoder."]),
     "vae-misshaped-tensor": (edit_tensors(VAE, reshape(first_key("encoder.conv_in.bias"))), CheckpointKeyError,
                              [VAE, "mis-shaped keys: encoder.conv_in.bias"]),
-    "vae-truncated": (truncate(VAE), IncompleteFolderError, [VAE, "not a readable safetensors"]),
-    "core-truncated": (truncate(CORE), IncompleteFolderError, [CORE, "not a readable safetensors"]),
+    "vae-truncated": (truncate(VAE), IncompleteFolderError, [VAE, "not a readable weights file"]),
+    "core-truncated": (truncate(CORE), IncompleteFolderError, [CORE, "not a readable weights file"]),
     "core-missing-tensor": (edit_tensors(CORE, drop(lambda s: "encoder.z_proj.weight")), CheckpointKeyError,
                             [CORE, "missing keys: encoder.z_proj.weight"]),
     "core-config-corrupt": (write("harmon/config.json", "[1, 2"), IncompleteFolderError,
@@ -178,6 +178,39 @@ def test_a_damaged_pipeline_folder_is_refused_naming_the_file_and_key(pipe, save
         assert re.search(part, message), f"{part!r} not in {message!r}"
     assert folder_digest(folder) == before  # nothing written, nothing moved
     assert torch.equal(generate(pipe), reference)  # the pipeline in memory is untouched
+
+
+@pytest.mark.parametrize("form", ["pickle", "sharded", "variant"])
+def test_every_serialization_is_checked_strictly(pipe, tmp_path, form):
+    folder = tmp_path / form
+    save = {"pickle": dict(safe_serialization=False), "sharded": dict(max_shard_size="20KB"),
+            "variant": dict(variant="fp16")}[form]
+    pipe.save_pretrained(str(folder), **save)
+    load = {"variant": "fp16"} if form == "variant" else {}
+    reference = generate(pipe)
+    if form == "pickle":
+        weights = folder / "vae" / "diffusion_pytorch_model.bin"  # (transformers 5 writes the LLM as safetensors)
+        state = torch.load(weights, weights_only=True)
+        del state["decoder.conv_out.bias"]
+        torch.save(state, weights)
+        expected = (CheckpointKeyError, rf"{weights} does not fit .*missing keys: decoder.conv_out.bias")
+    elif form == "sharded":
+        shard = sorted((folder / "llm").glob("model-*.safetensors"))[-1]
+        shard.unlink()
+        expected = (IncompleteFolderError, rf"{shard} is missing \(listed in model.safetensors.index.json\)")
+    else:
+        weights = next((folder / "vae").glob("*.fp16.safetensors"))
+        truncate(str(weights.relative_to(folder)))(folder)
+        expected = (IncompleteFolderError, rf"{weights} is not a readable weights file")
+    with pytest.raises(expected[0], match=expected[1]):
+        HarmonPipeline.from_pretrained(folder, **load)
+    assert torch.equal(generate(pipe), reference)
+
+
+def test_a_missing_variant_is_named(pipe, tmp_path):
+    pipe.save_pretrained(str(tmp_path), variant="fp16")
+    with pytest.raises(ValueError, match="variant=bf16"):
+        HarmonPipeline.from_pretrained(tmp_path, variant="bf16")
 
 
 def test_the_intact_folder_still_loads_and_generates_the_same_image(pipe, saved):
