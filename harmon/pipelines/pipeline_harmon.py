@@ -9,6 +9,7 @@ The pipeline owns the masked-autoregressive sampling loop (``__call__``): valida
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -19,6 +20,7 @@ import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput
 from transformers import PreTrainedModel
 
+from harmon.checkpoints import IncompleteFolderError, check_pipeline_folder, read_json_file
 from harmon.core import HarmonCore, prefill, splice_image_embeddings, through_llm
 from harmon.encoders.common import fail_fast_for_hub_id, saved_weights_follow
 from harmon.heads.diffusion import adm_scheduler_for
@@ -28,6 +30,7 @@ from harmon.pipelines.image_processing import ImageInput, postprocessor
 from harmon.pipelines.processing_harmon import IMAGE_TOKEN, HarmonProcessor
 from harmon.randomness import as_random_source
 from harmon.schedulers import ADMScheduler
+from harmon.validation import check_generation_arguments, check_understanding_arguments
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 MAX_IMAGE_SIDE = 4096
@@ -154,14 +157,10 @@ class HarmonPipeline(DiffusionPipeline):
         if not path.is_dir():
             _fail_for_unreachable_hub_id(str(pretrained_model_name_or_path))
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        index = path / "model_index.json"
-        if not index.is_file():
-            raise ValueError(f"{path} is not a Harmon pipeline folder: model_index.json is missing")
-        class_name = json.loads(index.read_text()).get("_class_name")
-        if isinstance(class_name, list):  # ["harmon_pipeline", "HarmonPipeline"]: diffusers' custom-class form
-            class_name = class_name[-1]
-        if class_name != cls.__name__:
-            raise ValueError(f"{path} holds a {class_name!r} pipeline, not a {cls.__name__}")
+        # every component strictly, before loading (harmon.checkpoints): transformers would re-initialise a
+        # missing LLM tensor; errors name the file and the keys
+        check_pipeline_folder(path, cls.__name__, list(inspect.signature(cls.__init__).parameters)[1:],
+                              build={"harmon": _meta_core}, variant=kwargs.get("variant"))
         stub = path / f"{PIPELINE_MODULE}.py"
         if stub.is_file():
             if stub.read_text() != PIPELINE_MODULE_SOURCE:
@@ -451,6 +450,11 @@ class HarmonPipeline(DiffusionPipeline):
                 ``ReplayRandomSource`` replaying a recorded run).
             compile_head: ``torch.compile`` the fused head step (CUDA graphs on CUDA).
         """
+        check_generation_arguments(  # types, finiteness and the batch limit (harmon.validation), before any work
+            prompt=prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale, temperature=temperature,
+            num_images_per_prompt=num_images_per_prompt, num_inference_steps=num_inference_steps,
+            generator=generator, callback_on_step_end=callback_on_step_end, prompt_input_ids=prompt_input_ids,
+        )
         core = self.harmon
         config = core.harmon
         height = height if height is not None else config.image_size
@@ -590,6 +594,11 @@ class HarmonPipeline(DiffusionPipeline):
         fixed number of features. Greedy decoding by default; ``do_sample=True`` samples, reproducibly for a given
         ``seed``. ``min_new_tokens`` forbids stopping earlier.
         """
+        check_understanding_arguments(  # types, finiteness and the batch limit (harmon.validation), before any work
+            image=image, question=question, max_new_tokens=max_new_tokens, do_sample=do_sample,
+            temperature=temperature, top_p=top_p, seed=seed, min_new_tokens=min_new_tokens,
+            skip_special_tokens=skip_special_tokens,
+        )
         batched = isinstance(question, (list, tuple))
         questions = list(question) if batched else [question]
         images = list(image) if isinstance(image, (list, tuple)) else [image]
@@ -654,6 +663,17 @@ class HarmonPipeline(DiffusionPipeline):
 
 
 # -------------------------------------------------------------------------------------------------- helpers
+def _meta_core(folder: Path) -> HarmonCore:
+    """The saved HarmonCore's modules on the meta device, from its config alone (for the strict weight check)."""
+    config_path = folder / "config.json"
+    harmon_config = read_json_file(config_path, "HarmonCore config").get("harmon_config")
+    try:
+        with torch.device("meta"), saved_weights_follow():
+            return HarmonCore(harmon_config=harmon_config)
+    except (ValueError, TypeError, KeyError) as error:
+        raise IncompleteFolderError(f"{config_path}: its harmon_config is not a valid HarmonConfig ({error})") from None
+
+
 def _fail_for_unreachable_hub_id(name: str) -> None:
     fail_fast_for_hub_id(
         name, "pipeline",

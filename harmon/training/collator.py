@@ -10,6 +10,10 @@
   ``<|im_end|>``), -100 elsewhere.
 * text: the document's tokens and an end-of-text token; every real token is a label.
 
+Data text (captions, questions, answers, documents) is tokenized as text (``split_special_tokens``): a
+``<|im_end|>``, ``<|im_start|>`` or ``<image>`` written in it stays characters, so data cannot forge a turn or an
+image placeholder; only the template and the collator's own placeholder are control tokens.
+
 Written by hand: transformers' collators (``DataCollatorForSeq2Seq``, ``DataCollatorWithPadding``) pad, but none
 builds Harmon's prompts, expands the image placeholder or drops captions; padding is three lines here.
 """
@@ -65,7 +69,18 @@ class HarmonCollator:
             )
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of template text: its special tokens (``<|im_start|>``, …) are control tokens."""
         return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of data text (captions, questions, answers, documents): tokenized as text, so a
+        ``<|im_end|>`` or ``<image>`` written in it cannot close a turn or add an image placeholder."""
+        return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids)
+
+    def instruction(self, user_text: str) -> list[int]:
+        """The template's instruction around ``user_text`` (tokenized as text)."""
+        head, tail = self.template.instruction.split("{input}", 1)
+        return self.encode(head) + self.encode_text(user_text) + self.encode(tail)
 
     # ------------------------------------------------------------------------------------------ text → image
     def caption_dropped(self, draw: int) -> bool:
@@ -77,17 +92,17 @@ class HarmonCollator:
         """Token ids of the text-to-image prompt (an empty caption gives the unconditional prompt)."""
         caption = caption.strip()
         if not caption:
-            return self.encode(self.template.instruction.format(input=self.unconditional_prompt))
-        ids = self.encode(self.template.instruction.format(input=self.generation_prefix + caption))
+            return self.instruction(self.unconditional_prompt)
+        ids = self.instruction(self.generation_prefix + caption)
         if len(ids) <= self.max_prompt_length:
             return ids
         # cut the caption (never the template) until the prompt fits
         overflow = len(ids) - self.max_prompt_length
-        caption_ids = self.encode(caption)
+        caption_ids = self.encode_text(caption)
         while overflow > 0 and caption_ids:
             caption_ids = caption_ids[: max(0, len(caption_ids) - overflow)]
             text = self.tokenizer.decode(caption_ids).strip()
-            ids = self.encode(self.template.instruction.format(input=self.generation_prefix + text))
+            ids = self.instruction(self.generation_prefix + text)
             overflow = len(ids) - self.max_prompt_length
         if overflow > 0:
             raise ValueError(f"data.max_prompt_length ({self.max_prompt_length}) cannot hold the prompt template")
@@ -100,11 +115,11 @@ class HarmonCollator:
         ids: list[int] = []
         labels: list[int] = []
         for i, (question, answer) in enumerate(turns):
-            if i == 0:
-                question = f"{self.image_token}\n{question}"
-            prompt = (self.template.sep if i else "") + head + question + tail
-            prompt_ids = self._expand_image(self.encode(prompt), first=i == 0)
-            answer_ids = self.encode(answer) + self.suffix_ids
+            image = [self.image_token_id] if i == 0 else []  # the one placeholder, put by the collator
+            question_ids = self.encode_text(f"\n{question}" if i == 0 else question)
+            prompt_ids = self.encode((self.template.sep if i else "") + head) + image + question_ids + self.encode(tail)
+            prompt_ids = self._expand_image(prompt_ids, first=i == 0)
+            answer_ids = self.encode_text(answer) + self.suffix_ids
             room = self.max_length - len(ids) - len(prompt_ids)
             if room <= 0:
                 if i == 0:
@@ -134,7 +149,7 @@ class HarmonCollator:
 
     # --------------------------------------------------------------------------------------------------- text
     def document(self, text: str) -> list[int]:
-        return (self.encode(text) + [self.end_of_text_id])[: self.max_length]
+        return (self.encode_text(text) + [self.end_of_text_id])[: self.max_length]
 
     # ------------------------------------------------------------------------------------------------ batching
     def pad(self, rows: Sequence[list[int]], value: int) -> torch.Tensor:
