@@ -114,23 +114,27 @@ def read_json_file(path: str | os.PathLike, what: str = "JSON file") -> dict:
     return data
 
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin")  # safetensors first: what transformers and diffusers prefer
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
-def _is_variant(name: str, variant: str | None) -> bool:
-    """``model.safetensors`` is no variant's, ``model.fp16.safetensors`` / ``model.safetensors.index.fp16.json``
-    / ``model.fp16-00001-of-00002.safetensors`` are ``fp16``'s."""
-    parts = name.split(".")
-    tagged = [part.split("-")[0] for part in parts[1:-1] if part not in ("safetensors", "bin", "index")]
-    return tagged == ([variant] if variant else [])
+def _variant_of(name: str, suffix: str) -> str | None:
+    """The variant in a weight or index file name (``model.fp16.safetensors``, ``x.safetensors.index.fp16.json``,
+    ``x-00001-of-00002.fp16.safetensors``); ``None`` for the default weights."""
+    if name.endswith(f"{suffix}.index.json"):
+        return None
+    marker = f"{suffix}.index."
+    if marker in name and name.endswith(".json"):
+        return name[name.index(marker) + len(marker): -len(".json")]
+    stem = name[: -len(suffix)]
+    return stem.rsplit(".", 1)[1] if "." in stem else None
 
 
 def weight_files(folder: str | os.PathLike, variant: str | None = None) -> list[Path]:
-    """The weight files of a ``save_pretrained`` folder for ``variant``: the shards an index lists (each
-    checked to exist), else the ``*.safetensors`` files, else the pickled ``*.bin`` ones."""
+    """The weight files of a ``save_pretrained`` folder for ``variant`` (``None``: the default weights): one
+    ``*.safetensors`` (else pickled ``*.bin``) file, or the shards its index lists (each checked to exist)."""
     folder = Path(folder)
     for suffix in WEIGHT_SUFFIXES:
-        indexes = sorted(p for p in folder.glob(f"*{suffix}.index*.json") if _is_variant(p.name, variant))
+        indexes = sorted(f for f in folder.glob(f"*{suffix}.index*.json") if _variant_of(f.name, suffix) == variant)
         if indexes:
             weight_map = read_json_file(indexes[0], "weights index").get("weight_map")
             if not isinstance(weight_map, dict):
@@ -140,33 +144,32 @@ def weight_files(folder: str | os.PathLike, variant: str | None = None) -> list[
                 if not file.is_file():
                     raise IncompleteFolderError(f"{file} is missing (listed in {indexes[0].name})")
             return files
-    for suffix in WEIGHT_SUFFIXES:
-        files = sorted(p for p in folder.glob(f"*{suffix}") if _is_variant(p.name, variant))
+        files = sorted(f for f in folder.glob(f"*{suffix}") if _variant_of(f.name, suffix) == variant)
         if files:
             return files
-    which = f" for variant={variant}" if variant else ""
-    raise IncompleteFolderError(f"{folder} holds no weights file{which} (*.safetensors or *.bin)")
+    if variant is not None:
+        raise IncompleteFolderError(f"{folder} holds no weights for variant={variant} (*.{variant}.safetensors or .bin)")
+    raise IncompleteFolderError(f"{folder} holds no weights file (*.safetensors or *.bin)")
 
 
 def weight_shapes(files: list[Path]) -> dict[str, torch.Tensor]:
-    """Every tensor's name → an empty meta tensor of its shape (safetensors: from the headers only; pickles:
-    loaded with ``weights_only=True`` onto the meta device); a truncated or corrupt file raises naming it."""
+    """Every tensor's name → an empty meta tensor of its shape; safetensors from the headers only, pickled ``.bin``
+    files through ``torch.load(weights_only=True, mmap=True)``; a truncated or corrupt file raises naming it."""
     from safetensors import safe_open
 
     shapes: dict[str, torch.Tensor] = {}
     for file in files:
         try:
-            if file.suffix == ".safetensors":
-                with safe_open(str(file), framework="pt") as handle:
-                    for key in handle.keys():
-                        shapes[key] = torch.empty(handle.get_slice(key).get_shape(), device="meta")
-            else:
-                data = torch.load(str(file), map_location="meta", weights_only=True)
-                if not isinstance(data, Mapping) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-                    raise ValueError("it does not hold a state dict of tensors")
-                shapes.update(data)
+            if file.suffix == ".bin":
+                state = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+                shapes.update({key: torch.empty(value.shape, device="meta") for key, value in state.items()})
+                continue
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    shapes[key] = torch.empty(handle.get_slice(key).get_shape(), device="meta")
         except Exception as error:  # safetensors' SafetensorError (truncated, bad header) is a bare Exception
-            raise IncompleteFolderError(f"{file} is not a readable weights file ({error})") from None
+            kind = "pickled weights" if file.suffix == ".bin" else "safetensors"
+            raise IncompleteFolderError(f"{file} is not a readable {kind} file ({error})") from None
     return shapes
 
 
@@ -243,7 +246,8 @@ def check_pipeline_folder(
     build: Mapping[str, Callable[[Path], nn.Module]] | None = None,
     variant: str | None = None,
 ) -> None:
-    """Check a ``save_pretrained`` pipeline folder before anything is loaded from it.
+    """Check a ``save_pretrained`` pipeline folder (the weights of ``variant``, as ``from_pretrained(variant=)``
+    reads them) before anything is loaded from it.
 
     ``model_index.json`` must be readable and name ``class_name`` and every ``required`` component as
     ``[library, class]``; each component folder must exist and pass :func:`check_component_folder` (a model

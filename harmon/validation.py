@@ -163,7 +163,7 @@ def check_generation_arguments(
         num_prompts = len(check_texts("prompt", prompt))
     check_number("temperature", temperature, minimum=0, exclusive_minimum=True)
     per_prompt = check_int("num_images_per_prompt", num_images_per_prompt, minimum=1, maximum=MAX_IMAGES_PER_CALL)
-    if num_inference_steps is not None:  # None: the pipeline's default
+    if num_inference_steps is not None:  # None: the pipeline's default, min(64, m·n)
         check_int("num_inference_steps", num_inference_steps, minimum=1)
     check_batch("num_images_per_prompt", num_prompts * per_prompt)
     check_generator("generator", generator, num_prompts * per_prompt)

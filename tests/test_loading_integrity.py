@@ -115,9 +115,9 @@ CASES = {
                               CheckpointKeyError, [LLM, "unexpected keys: model.extra.weight"]),
     "llm-misshaped-tensor": (edit_tensors(LLM, reshape(lambda s: "model.norm.weight")), CheckpointKeyError,
                              [LLM, r"mis-shaped keys: model.norm.weight \(65,\) \(expected \(64,\)\)"]),
-    "llm-truncated": (truncate(LLM), IncompleteFolderError, [LLM, "not a readable weights file"]),
-    "llm-header-only": (truncate(LLM, keep=6), IncompleteFolderError, [LLM, "not a readable weights file"]),
-    "llm-weights-missing": (remove(LLM), IncompleteFolderError, ["llm", "holds no weights file"]),
+    "llm-truncated": (truncate(LLM), IncompleteFolderError, [LLM, "not a readable safetensors"]),
+    "llm-header-only": (truncate(LLM, keep=6), IncompleteFolderError, [LLM, "not a readable safetensors"]),
+    "llm-weights-missing": (remove(LLM), IncompleteFolderError, ["llm", r"no weights file \(\*.safetensors or \*.bin\)"]),
     "llm-config-corrupt": (write("llm/config.json", '{"hidden_size": '), IncompleteFolderError,
                            ["llm/config.json", "is not a readable"]),
     "llm-config-missing": (remove("llm/config.json"), IncompleteFolderError, ["llm/config.json", "missing"]),
@@ -130,8 +130,8 @@ CASES = {
                            [VAE, "missing keys: decoder."]),
     "vae-misshaped-tensor": (edit_tensors(VAE, reshape(first_key("encoder.conv_in.bias"))), CheckpointKeyError,
                              [VAE, "mis-shaped keys: encoder.conv_in.bias"]),
-    "vae-truncated": (truncate(VAE), IncompleteFolderError, [VAE, "not a readable weights file"]),
-    "core-truncated": (truncate(CORE), IncompleteFolderError, [CORE, "not a readable weights file"]),
+    "vae-truncated": (truncate(VAE), IncompleteFolderError, [VAE, "not a readable safetensors"]),
+    "core-truncated": (truncate(CORE), IncompleteFolderError, [CORE, "not a readable safetensors"]),
     "core-missing-tensor": (edit_tensors(CORE, drop(lambda s: "encoder.z_proj.weight")), CheckpointKeyError,
                             [CORE, "missing keys: encoder.z_proj.weight"]),
     "core-config-corrupt": (write("harmon/config.json", "[1, 2"), IncompleteFolderError,
@@ -201,7 +201,7 @@ def test_every_serialization_is_checked_strictly(pipe, tmp_path, form):
     else:
         weights = next((folder / "vae").glob("*.fp16.safetensors"))
         truncate(str(weights.relative_to(folder)))(folder)
-        expected = (IncompleteFolderError, rf"{weights} is not a readable weights file")
+        expected = (IncompleteFolderError, rf"{weights} is not a readable safetensors file")
     with pytest.raises(expected[0], match=expected[1]):
         HarmonPipeline.from_pretrained(folder, **load)
     assert torch.equal(generate(pipe), reference)

@@ -75,9 +75,10 @@ def load_image(image: ImageInput, argument: str = "image") -> PIL.Image.Image:
     elif not isinstance(image, PIL.Image.Image):
         raise TypeError(f"{argument} must be a path, a PIL image, a numpy array or a tensor, got {type(image).__name__}")
     check_image_size(image.width, image.height, argument)
+    # the orientation a camera records in EXIF, applied as every viewer does (a no-op without the tag)
+    image = PIL.ImageOps.exif_transpose(image)
     try:
-        # the orientation a camera records in EXIF, applied as every viewer does (a no-op without the tag)
-        return to_rgb(PIL.ImageOps.exif_transpose(image))
+        return to_rgb(image)
     except ValueError as error:  # a mode PIL cannot convert
         raise ValueError(f"{argument}: cannot convert a {image.mode!r} image to RGB ({error})") from error
 
