@@ -312,3 +312,18 @@ def test_the_training_collator_tokenizes_user_text_as_text():
     assert ids.count(3) == 5  # the expanded placeholder only
     answer = [i for i, label in zip(ids, labels) if label >= 0]
     assert answer.count(im_end) == 1 and answer[-1] == im_end  # the template's end of turn, not the answer's text
+
+
+def test_a_diffusers_callback_object_brings_its_tensor_inputs(pipe):
+    from diffusers.callbacks import PipelineCallback
+
+    class CountSteps(PipelineCallback):
+        tensor_inputs = ["tokens", "mask"]
+
+        def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+            self.seen = sorted(callback_kwargs)
+            return callback_kwargs
+
+    callback = CountSteps()
+    images(pipe, callback_on_step_end=callback)
+    assert callback.seen == ["mask", "tokens"]

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from transformers import PreTrainedModel
 
 from harmon.core import HarmonCore, prefill, splice_image_embeddings, through_llm
@@ -451,6 +452,8 @@ class HarmonPipeline(DiffusionPipeline):
                 ``ReplayRandomSource`` replaying a recorded run).
             compile_head: ``torch.compile`` the fused head step (CUDA graphs on CUDA).
         """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs  # diffusers' callback objects
         core = self.harmon
         config = core.harmon
         height = height if height is not None else config.image_size
