@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from transformers import PreTrainedModel
 
 from harmon.checkpoints import IncompleteFolderError, check_pipeline_folder, read_json_file
@@ -455,6 +456,8 @@ class HarmonPipeline(DiffusionPipeline):
             num_images_per_prompt=num_images_per_prompt, num_inference_steps=num_inference_steps,
             generator=generator, callback_on_step_end=callback_on_step_end, prompt_input_ids=prompt_input_ids,
         )
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs  # diffusers' callback objects
         core = self.harmon
         config = core.harmon
         height = height if height is not None else config.image_size

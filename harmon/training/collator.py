@@ -10,9 +10,9 @@
   ``<|im_end|>``), -100 elsewhere.
 * text: the document's tokens and an end-of-text token; every real token is a label.
 
-Data text (captions, questions, answers, documents) is tokenized as text (``split_special_tokens``): a
-``<|im_end|>``, ``<|im_start|>`` or ``<image>`` written in it stays characters, so data cannot forge a turn or an
-image placeholder; only the template and the collator's own placeholder are control tokens.
+Prompts are built by :class:`~harmon.pipelines.HarmonProcessor` (the same object the pipeline uses): captions,
+questions, answers and documents are tokenized as text, so a ``<|im_end|>`` or ``<image>`` inside them never becomes
+a control token.
 
 Written by hand: transformers' collators (``DataCollatorForSeq2Seq``, ``DataCollatorWithPadding``) pad, but none
 builds Harmon's prompts, expands the image placeholder or drops captions; padding is three lines here.
@@ -48,19 +48,30 @@ class HarmonCollator:
         seed: int = 0,
         image_token: str = "<image>",
     ) -> None:
+        from harmon.pipelines.processing_harmon import HarmonProcessor
+
         self.tokenizer = tokenizer
         self.image_token_id = int(image_token_id)
         self.image_tokens = int(image_tokens)
         self.template = prompt_template
         if "{input}" not in prompt_template.instruction:
             raise ValueError("the prompt template's instruction has no {input} field")
+        self.processor = HarmonProcessor(
+            tokenizer, instruction=prompt_template.instruction, generation_prefix=generation_prefix,
+            unconditional_prompt=unconditional_prompt, image_token=image_token,
+        )
         self.generation_prefix = generation_prefix
         self.unconditional_prompt = unconditional_prompt
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
         self.cfg_drop_prob, self.seed = cfg_drop_prob, int(seed)
         self.image_token = image_token
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.suffix_ids = self.encode(prompt_template.suffix)
+        if self.processor.image_token_id != self.image_token_id:
+            raise ValueError(
+                f"image_token_id {self.image_token_id} is not the tokenizer's id of {image_token!r} "
+                f"({self.processor.image_token_id})"
+            )
+        self.suffix_ids = self.processor.template_ids(prompt_template.suffix)
         eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
         self.end_of_text_id = eot if isinstance(eot, int) and eot != tokenizer.unk_token_id else tokenizer.eos_token_id
         if self.image_tokens > max_length:
@@ -69,18 +80,8 @@ class HarmonCollator:
             )
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of template text: its special tokens (``<|im_start|>``, …) are control tokens."""
-        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
-
-    def encode_text(self, text: str) -> list[int]:
-        """Token ids of data text (captions, questions, answers, documents): tokenized as text, so a
-        ``<|im_end|>`` or ``<image>`` written in it cannot close a turn or add an image placeholder."""
-        return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids)
-
-    def instruction(self, user_text: str) -> list[int]:
-        """The template's instruction around ``user_text`` (tokenized as text)."""
-        head, tail = self.template.instruction.split("{input}", 1)
-        return self.encode(head) + self.encode_text(user_text) + self.encode(tail)
+        """``text`` as text (special-token strings in it stay ordinary tokens)."""
+        return self.processor.text_ids(text)
 
     # ------------------------------------------------------------------------------------------ text → image
     def caption_dropped(self, draw: int) -> bool:
@@ -91,18 +92,16 @@ class HarmonCollator:
     def generation_prompt(self, caption: str) -> list[int]:
         """Token ids of the text-to-image prompt (an empty caption gives the unconditional prompt)."""
         caption = caption.strip()
-        if not caption:
-            return self.instruction(self.unconditional_prompt)
-        ids = self.instruction(self.generation_prefix + caption)
-        if len(ids) <= self.max_prompt_length:
+        ids = self.processor.generation_prompt(caption)
+        if not caption or len(ids) <= self.max_prompt_length:
             return ids
         # cut the caption (never the template) until the prompt fits
         overflow = len(ids) - self.max_prompt_length
-        caption_ids = self.encode_text(caption)
+        caption_ids = self.encode(caption)
         while overflow > 0 and caption_ids:
             caption_ids = caption_ids[: max(0, len(caption_ids) - overflow)]
             text = self.tokenizer.decode(caption_ids).strip()
-            ids = self.instruction(self.generation_prefix + text)
+            ids = self.processor.user_turn(self.generation_prefix + text)
             overflow = len(ids) - self.max_prompt_length
         if overflow > 0:
             raise ValueError(f"data.max_prompt_length ({self.max_prompt_length}) cannot hold the prompt template")
@@ -111,15 +110,14 @@ class HarmonCollator:
     # ------------------------------------------------------------------------------------------ image → text
     def conversation(self, turns: Sequence[tuple[str, str]]) -> tuple[list[int], list[int]]:
         """Token ids and labels of a conversation about one image (placeholder expanded)."""
-        head, tail = self.template.instruction.split("{input}", 1)
         ids: list[int] = []
         labels: list[int] = []
+        sep_ids = self.processor.template_ids(self.template.sep)
         for i, (question, answer) in enumerate(turns):
-            image = [self.image_token_id] if i == 0 else []  # the one placeholder, put by the collator
-            question_ids = self.encode_text(f"\n{question}" if i == 0 else question)
-            prompt_ids = self.encode((self.template.sep if i else "") + head) + image + question_ids + self.encode(tail)
-            prompt_ids = self._expand_image(prompt_ids, first=i == 0)
-            answer_ids = self.encode_text(answer) + self.suffix_ids
+            prompt_ids = (sep_ids if i else []) + self.processor.user_turn(
+                question, image_tokens=self.image_tokens if i == 0 else 0
+            )
+            answer_ids = self.encode(answer) + self.suffix_ids
             room = self.max_length - len(ids) - len(prompt_ids)
             if room <= 0:
                 if i == 0:
@@ -135,21 +133,9 @@ class HarmonCollator:
                 break
         return ids, labels
 
-    def _expand_image(self, ids: list[int], first: bool) -> list[int]:
-        count = ids.count(self.image_token_id)
-        if count != (1 if first else 0):
-            raise ValueError(
-                f"expected {'one' if first else 'no'} {self.image_token} token in a prompt, found {count}: "
-                "is the image token a single token of the tokenizer?"
-            )
-        if not first:
-            return ids
-        at = ids.index(self.image_token_id)
-        return ids[:at] + [self.image_token_id] * self.image_tokens + ids[at + 1:]
-
     # --------------------------------------------------------------------------------------------------- text
     def document(self, text: str) -> list[int]:
-        return (self.encode_text(text) + [self.end_of_text_id])[: self.max_length]
+        return (self.encode(text) + [self.end_of_text_id])[: self.max_length]
 
     # ------------------------------------------------------------------------------------------------ batching
     def pad(self, rows: Sequence[list[int]], value: int) -> torch.Tensor:
