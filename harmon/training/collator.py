@@ -9,6 +9,9 @@
   expanded to the encoder's ``m·n + buffer_size`` tokens. Labels hold the answer tokens (and their
   ``<|im_end|>``), -100 elsewhere.
 * text: the document's tokens and an end-of-text token; every real token is a label.
+* reconstruction (RecA): ``instruction.format(input=generation_prefix + "<image>" [+ "\n" + instruction])``
+  (:func:`harmon.image_conditioning.image_generation_input`) with ``<image>`` expanded as for image → text; the
+  same prompt for every sample, never dropped; no labels (the loss is the diffusion loss on the image's tokens).
 
 Written by hand: transformers' collators (``DataCollatorForSeq2Seq``, ``DataCollatorWithPadding``) pad, but none
 builds Harmon's prompts, expands the image placeholder or drops captions; padding is three lines here.
@@ -23,6 +26,7 @@ import numpy as np
 import torch
 
 from harmon.configs import PromptTemplate
+from harmon.image_conditioning import image_generation_input
 
 IGNORE_INDEX = -100
 _DROP_TAG = 0xCF6
@@ -43,6 +47,7 @@ class HarmonCollator:
         cfg_drop_prob: float = 0.1,
         seed: int = 0,
         image_token: str = "<image>",
+        reconstruction_instruction: str = "",
     ) -> None:
         self.tokenizer = tokenizer
         self.image_token_id = int(image_token_id)
@@ -55,6 +60,7 @@ class HarmonCollator:
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
         self.cfg_drop_prob, self.seed = cfg_drop_prob, int(seed)
         self.image_token = image_token
+        self.reconstruction_instruction = reconstruction_instruction
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.suffix_ids = self.encode(prompt_template.suffix)
         eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
@@ -132,6 +138,18 @@ class HarmonCollator:
         at = ids.index(self.image_token_id)
         return ids[:at] + [self.image_token_id] * self.image_tokens + ids[at + 1:]
 
+    # ---------------------------------------------------------------------------------------- reconstruction
+    def reconstruction_prompt(self) -> list[int]:
+        """Token ids of the reconstruction prompt, the image placeholder expanded to the image's tokens."""
+        text = image_generation_input(self.generation_prefix, self.image_token, self.reconstruction_instruction)
+        ids = self._expand_image(self.encode(self.template.instruction.format(input=text)), first=True)
+        if len(ids) > self.max_length:
+            raise ValueError(
+                f"data.max_length ({self.max_length}) cannot hold the reconstruction prompt ({len(ids)} tokens, "
+                "the image's included)"
+            )
+        return ids
+
     # --------------------------------------------------------------------------------------------------- text
     def document(self, text: str) -> list[int]:
         return (self.encode(text) + [self.end_of_text_id])[: self.max_length]
@@ -162,6 +180,10 @@ class HarmonCollator:
         elif task == "text":
             rows = [self.document(s["text"]) for s in samples]
             label_rows = rows
+        elif task == "reconstruction":
+            rows = [self.reconstruction_prompt()] * len(samples)
+            batch["pixels"] = torch.stack([s["pixels"] for s in samples])
+            label_rows = None
         else:
             raise ValueError(f"unknown task {task!r}")
         batch["input_ids"] = self.pad(rows, self.pad_id)
