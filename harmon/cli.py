@@ -1,4 +1,4 @@
-"""``harmon`` command line: ``generate``, ``describe``, ``convert``, ``info``.
+"""``harmon`` command line: ``generate``, ``describe``, ``convert``, ``info``, ``bench``.
 
 Thin wrappers over :class:`~harmon.pipelines.HarmonPipeline`. ``generate`` splits its prompts across processes
 when started with ``accelerate launch -m harmon.cli generate …``.
@@ -182,6 +182,12 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from harmon.evaluation.cli import main as bench_main  # its own parser: harmon.evaluation.cli
+
+    return bench_main(args.bench_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harmon", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -231,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_info)
 
+    bench = sub.add_parser("bench", add_help=False, help="benchmark layouts (geneval, dpg, wise, mjhq) and FID; "
+                           "`harmon bench -h` for its commands")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=cmd_bench)
+
     for command in (gen, desc, conv):
         command.add_argument("--dtype", choices=sorted(DTYPES), help="default: as saved (float32 on CPU)")
     for command in (gen, desc):
@@ -239,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its own parser (argparse's REMAINDER would refuse a leading option such as -h)
+        return cmd_bench(argparse.Namespace(bench_args=argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
