@@ -254,17 +254,12 @@ def test_reca_recipes_carry_the_reca_settings(size):
     assert config.model.pretrained is not None  # post-training starts from a trained model
 
 
-def test_reca_toy_recipe_is_written_against_the_harmon_toy_preset():
-    import yaml
-
-    from harmon.configs import PRESETS
-
-    data = yaml.safe_load((CONFIGS / "reca_harmon-toy.yaml").read_text())
-    assert data["data"]["ratios"] == {"reconstruction": 2, "image_to_text": 2, "text_to_image": 0}
-    assert data["schedule"]["warmup_steps"] == max(1, data["training"]["max_steps"] // 100)
-    if "harmon-toy" not in PRESETS:
-        pytest.skip("the harmon-toy preset is not on this branch yet")
-    load_config(data=data, check_files=False)
+def test_reca_toy_recipe_carries_the_reca_mix():
+    config = load_config(CONFIGS / "reca_harmon-toy.yaml", check_files=False)
+    assert config.data.ratios.as_dict() == {"text": 0, "image_to_text": 2, "text_to_image": 0, "reconstruction": 2}
+    assert config.optimizer.weight_decay == 0.02
+    assert config.schedule.warmup_steps == config.training.max_steps // 100
+    assert config.model.pretrained is not None and len({config.module_lr(n) for n in config.trainable_modules}) == 1
 
 
 def test_reconstruction_task_trains(shapes, tmp_path, fresh_accelerate_state):
