@@ -488,3 +488,70 @@ def test_harmon_bench_cli_writes_geneval_and_computes_fid_errors(pipe, geneval_m
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["skipped"] == 3
     assert main(["bench", "fid", str(out), str(out)]) == 2
     assert "--inception-weights" in capsys.readouterr().err
+
+
+HARNESS_TASK = """task: harmon_two_items
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {docs}
+test_split: test
+output_type: generate_until
+doc_to_visual: !function utils.doc_to_visual
+doc_to_text: !function utils.doc_to_text
+doc_to_target: answer
+generation_kwargs:
+  max_new_tokens: 4
+  until: ["QQQ"]
+process_results: !function utils.process_results
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+"""
+HARNESS_UTILS = '''from PIL import Image
+
+
+def doc_to_visual(doc):
+    return [Image.open(doc["image_path"]).convert("RGB")]
+
+
+def doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    return doc["question"]
+
+
+def process_results(doc, results):
+    return {"exact_match": float(results[0].strip() == doc["answer"])}
+'''
+
+
+def test_lmms_eval_harness_runs_the_adapter_on_a_two_item_task(pipe, tmp_path, monkeypatch):
+    """lmms-eval's own ``simple_evaluate`` on a task defined here (skipped where lmms-eval is not installed, as in
+    CI: its dependency tree is too large for the dev extra)."""
+    evaluator = pytest.importorskip("lmms_eval.evaluator")
+    from lmms_eval.tasks import TaskManager
+
+    from harmon.evaluation.lmms import HarmonLMM
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    rng = np.random.default_rng(0)
+    docs = []
+    for i, (question, answer) in enumerate([("What colour is it?", "red"), ("Is there a cat?", "no")]):
+        path = tmp_path / f"image{i}.png"
+        PIL.Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+        docs.append({"image_path": str(path), "question": question, "answer": answer})
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    task_dir = tmp_path / "task"
+    task_dir.mkdir()
+    (task_dir / "harmon_two_items.yaml").write_text(HARNESS_TASK.format(docs=tmp_path / "docs.jsonl"))
+    (task_dir / "utils.py").write_text(HARNESS_UTILS)
+    out = evaluator.simple_evaluate(
+        model=HarmonLMM(pipeline=pipe), tasks=["harmon_two_items"], bootstrap_iters=0, log_samples=True,
+        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+    )
+    assert "exact_match,none" in out["results"]["harmon_two_items"]
+    responses = [sample["resps"][0][0] for sample in sorted(out["samples"]["harmon_two_items"],
+                                                            key=lambda s: s["doc_id"])]
+    expected = [pipe.understand(PIL.Image.open(d["image_path"]).convert("RGB"), d["question"], max_new_tokens=4)
+                for d in docs]
+    assert responses == expected
