@@ -3,7 +3,7 @@
 For each model config × image size × batch it runs every sampler mode, interleaved (plain, exact, fast, plain, …)
 so that drift of the machine's load hits all modes alike, after one warm-up run each, and reports per mode:
 
-* median wall time of ``generate_tokens`` ("tokens"), of the VAE decode and of both ("total"), images/s;
+* median wall time of the pipeline's sampling loop ("tokens"), of the VAE decode and of both ("total"), images/s;
 * the ratio against the plain sampler (tokens and total), measured in this run;
 * per phase (prefill, MAR encoder, LLM steps, MAR decoder, head, VAE decode, rest) from one extra instrumented
   run (hooks around those calls; synchronised on CUDA), apart from the timed runs so hooks do not distort them;
@@ -40,8 +40,10 @@ import torch
 
 from harmon.configs import ComponentSpec, HarmonConfig
 from harmon.encoders.vae import KLAutoencoderConfig
+import harmon.pipelines.pipeline_harmon as pipeline_module
 from harmon.model import HarmonModel
-from harmon.testing import prompt_rows
+from harmon.pipelines import HarmonPipeline
+from harmon.testing import generate_tokens, prompt_rows, tiny_tokenizer
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PHASES = ("prefill", "encoder", "llm", "decoder", "head", "vae", "rest")
@@ -115,14 +117,26 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+_PIPELINES: dict[int, HarmonPipeline] = {}
+
+
+def pipeline_of(model: HarmonModel) -> HarmonPipeline:
+    """One pipeline per benchmarked model (built once, outside the timed region): the sampling loop is its."""
+    if id(model) not in _PIPELINES:
+        pipe = HarmonPipeline.from_model(model, tiny_tokenizer())
+        pipe.set_progress_bar_config(disable=True)
+        _PIPELINES[id(model)] = pipe
+    return _PIPELINES[id(model)]
+
+
 def run_once(model, ids, mask, *, image_shape, num_steps, guidance, mode, seed, device):
     """One text → image run: (tokens seconds, VAE seconds, tokens, pixels)."""
     generator = torch.Generator().manual_seed(seed)
     synchronize(device)
     start = time.perf_counter()
-    tokens = model.generate_tokens(
-        ids, mask, image_shape=image_shape, num_steps=num_steps, guidance_scale=guidance, generator=generator,
-        **mode_kwargs(mode),
+    tokens = generate_tokens(
+        model, ids, mask, image_shape=image_shape, num_steps=num_steps, guidance_scale=guidance, generator=generator,
+        pipeline=pipeline_of(model), **mode_kwargs(mode),
     )
     synchronize(device)
     middle = time.perf_counter()
@@ -172,7 +186,7 @@ class PhaseTimer:
 
     def __enter__(self) -> "PhaseTimer":
         model = self.model
-        prefill = model.prefill
+        prefill = pipeline_module.prefill  # the loop's prefill
 
         def timed_prefill(*args, **kwargs):
             self._in_prefill = True
@@ -183,7 +197,7 @@ class PhaseTimer:
 
         head = model.head
         sample, prepare = head.sample, getattr(head, "prepare_sampler", None)
-        model.prefill = timed_prefill
+        pipeline_module.prefill = timed_prefill
         head.sample = self._timed("head", sample)
         if prepare is not None:
             head.prepare_sampler = lambda *a, **k: self._timed("head", prepare(*a, **k))
@@ -191,7 +205,7 @@ class PhaseTimer:
         self._hook(model.encoder, "encoder")
         self._hook(model.llm.get_decoder(), "llm")
         self._hook(model.decoder, "decoder")
-        self._undo += [lambda: delattr(model, "prefill"), lambda: delattr(model, "decode_tokens"),
+        self._undo += [lambda: setattr(pipeline_module, "prefill", prefill), lambda: delattr(model, "decode_tokens"),
                        lambda: delattr(head, "sample")]
         if prepare is not None:
             self._undo.append(lambda: delattr(head, "prepare_sampler"))
@@ -309,8 +323,9 @@ def quality(model, name, size, prompts, fast_modes, args, device) -> dict:
     def sample(mode: str, seed: int):
         generators = [torch.Generator().manual_seed(seed + i) for i in range(prompts)]
         start = time.perf_counter()
-        tokens = model.generate_tokens(ids, mask, image_shape=grid, num_steps=num_steps, guidance_scale=args.guidance,
-                                       generator=generators, **mode_kwargs(mode))
+        tokens = generate_tokens(model, ids, mask, image_shape=grid, num_steps=num_steps,
+                                 guidance_scale=args.guidance, generator=generators, pipeline=pipeline_of(model),
+                                 **mode_kwargs(mode))
         seconds = time.perf_counter() - start
         return tokens.float(), model.decode_tokens(tokens).float().clamp(-1, 1), seconds
 

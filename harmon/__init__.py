@@ -28,8 +28,10 @@ _EXPORTS = {
     "GeneratorRandomSource": "harmon.randomness",
     "ReplayRandomSource": "harmon.randomness",
     "CheckpointKeyError": "harmon.checkpoints",
-    "HarmonCore": "harmon.pipelines.core",
+    "HarmonCore": "harmon.core",
     "HarmonPipeline": "harmon.pipelines.pipeline_harmon",
+    "HarmonProcessor": "harmon.pipelines.processing_harmon",
+    "ADMScheduler": "harmon.schedulers",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -42,7 +42,9 @@ def read_state_dict(path: str | os.PathLike, wrapper_keys: tuple[str, ...] = ("m
     return dict(data)
 
 
-def _limit(names: list[str], limit: int = 20) -> str:
+def summarise_names(names: list[str], limit: int = 5) -> str:
+    """The first ``limit`` names and how many more: a wrong architecture mis-fits hundreds of tensors, and one
+    line listing them all hides the cause (the sizes) behind 20 KB of names."""
     shown = ", ".join(names[:limit])
     return shown + (f", … ({len(names) - limit} more)" if len(names) > limit else "")
 
@@ -53,10 +55,13 @@ def check_state_dict(
     source: str = "checkpoint",
     original_names: Mapping[str, str] | None = None,
 ) -> None:
-    """Raise :class:`CheckpointKeyError` unless ``state_dict`` has exactly ``module``'s keys and shapes."""
+    """Raise :class:`CheckpointKeyError` unless ``state_dict`` has exactly ``module``'s keys and shapes.
+
+    ``original_names`` maps module keys to their names in the original file (for present keys, as renamed, and
+    for keys the module expects, so that a missing one is named as the file would name it)."""
     original_names = original_names or {}
     expected = module.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
+    missing = sorted(original_names.get(k, k) for k in set(expected) - set(state_dict))
     unexpected = sorted(original_names.get(k, k) for k in set(state_dict) - set(expected))
     misshaped = sorted(
         f"{original_names.get(k, k)} {tuple(state_dict[k].shape)} (expected {tuple(expected[k].shape)})"
@@ -65,11 +70,11 @@ def check_state_dict(
     )
     problems = []
     if missing:
-        problems.append(f"missing keys: {_limit(missing)}")
+        problems.append(f"missing keys: {summarise_names(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys: {_limit(unexpected)}")
+        problems.append(f"unexpected keys: {summarise_names(unexpected)}")
     if misshaped:
-        problems.append(f"mis-shaped keys: {_limit(misshaped)}")
+        problems.append(f"mis-shaped keys: {summarise_names(misshaped)}")
     if problems:
         raise CheckpointKeyError(f"{source} does not fit {type(module).__name__}: " + "; ".join(problems))
 

@@ -1,4 +1,4 @@
-"""``harmon`` command line: ``generate``, ``describe``, ``convert``, ``info``, ``bench``.
+"""``harmon`` command line: ``generate``, ``describe``, ``convert``, ``info``, ``demo``, ``bench``.
 
 Thin wrappers over :class:`~harmon.pipelines.HarmonPipeline`. ``generate`` splits its prompts across processes
 when started with ``accelerate launch -m harmon.cli generate …``.
@@ -123,6 +123,8 @@ def cmd_convert(args) -> int:
     from harmon.configs import to_original_config
     from harmon.pipelines import HarmonPipeline
 
+    if args.preset is not None and (args.vae is None or args.llm is None):
+        raise SystemExit("harmon convert: --preset needs --vae and --llm (only --config can name them)")
     pipe = HarmonPipeline.from_original(
         args.harmon, args.vae, args.llm, original_config=args.config, preset=args.preset,
     )
@@ -188,6 +190,32 @@ def cmd_bench(args) -> int:
     return bench_main(args.bench_args)
 
 
+def cmd_demo(args) -> int:
+    from harmon import demo
+
+    try:
+        demo.launch(args.pipeline, host=args.host, port=args.port, share=args.share, device=args.device,
+                    dtype=_torch_dtype(args.dtype), cpu_offload=args.cpu_offload, max_images=args.max_images,
+                    max_queue=args.max_queue)
+    except ImportError as error:  # gradio is an optional extra
+        raise SystemExit(f"harmon demo: error: {error}") from None
+    return 0
+
+
+def _add_demo_parser(sub) -> None:
+    web = sub.add_parser("demo", help="web app: Generate and Describe tabs (gradio; pip install \"harmon[demo]\")")
+    web.add_argument("pipeline", nargs="?", default="harmon-toy", help="a HarmonPipeline folder (default: harmon-toy)")
+    web.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
+    web.add_argument("--port", type=int, default=7860)
+    web.add_argument("--share", action="store_true", help="ask gradio for a public link (off by default)")
+    web.add_argument("--device", help="default: cuda when available, else cpu")
+    web.add_argument("--dtype", choices=sorted(DTYPES), help="default: as saved (float32 on CPU)")
+    web.add_argument("--cpu-offload", action="store_true", help="keep components on the CPU between phases")
+    web.add_argument("--max-images", type=int, default=4, help="images per Generate request, at most")
+    web.add_argument("--max-queue", type=int, default=16, help="requests waiting, at most")
+    web.set_defaults(func=cmd_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harmon", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -224,11 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     conv = sub.add_parser("convert", help="original release → pipeline folder")
     conv.add_argument("--harmon", required=True, help="harmon_0.5b.pth / harmon_1.5b.pth")
-    conv.add_argument("--vae", required=True, help="kl16.ckpt")
-    conv.add_argument("--llm", required=True, help="local Qwen2.5 Instruct folder (config + tokenizer)")
+    conv.add_argument("--vae", help="kl16.ckpt (default with --config: the config's vae ckpt_path)")
+    conv.add_argument("--llm", help="local Qwen2.5 Instruct folder, config + tokenizer (default with --config: the "
+                                    "config's llm pretrained_model_name_or_path, when it is a local folder)")
     arch = conv.add_mutually_exclusive_group(required=True)
     arch.add_argument("--preset", choices=("harmon-0.5b", "harmon-1.5b"))
-    arch.add_argument("--config", help="original config JSON (mar / vae kwargs, vae_scale)")
+    arch.add_argument("--config", "--original-config", dest="config",
+                      help="the release's model config: configs/models/qwen2_5_*.py (read, not run) or its JSON "
+                           "form original_config.json (HarmonPipeline.from_original(original_config=...))")
     conv.add_argument("--out", required=True)
     conv.set_defaults(func=cmd_convert)
 
@@ -237,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_info)
 
+    _add_demo_parser(sub)
     bench = sub.add_parser("bench", add_help=False, help="benchmark layouts (geneval, dpg, wise, mjhq) and FID; "
                            "`harmon bench -h` for its commands")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)

@@ -146,62 +146,13 @@ class HarmonConfig(BaseModel):
         return cls(**data)
 
     @classmethod
-    def from_original(cls, original: dict[str, Any], llm_config: Any | None = None) -> "HarmonConfig":
-        """From the original model config (``mar`` constructor kwargs, ``vae`` kwargs, ``vae_scale``,
-        optional ``prompt_template``) and the LLM's transformers config (for the backbone shape)."""
-        known = {"mar", "vae", "vae_scale", "prompt_template"}
-        unknown = sorted(set(original) - known)
-        if unknown:
-            raise ValueError(f"original config has unknown keys: {', '.join(unknown)}")
-        mar = dict(original["mar"])
-        mar_known = {
-            "img_size", "vae_stride", "patch_size", "encoder_embed_dim", "encoder_depth", "encoder_num_heads",
-            "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "mlp_ratio", "vae_embed_dim",
-            "mask_ratio_min", "label_drop_prob", "class_num", "attn_dropout", "proj_dropout", "buffer_size",
-            "diffloss_d", "diffloss_w", "num_sampling_steps", "diffusion_batch_mul", "grad_checkpointing",
-        }
-        unknown = sorted(set(mar) - mar_known)
-        if unknown:
-            raise ValueError(f"original config 'mar' has unknown keys: {', '.join(unknown)}")
-        vae = KLAutoencoderConfig.from_original(original["vae"])
-        patch = int(mar.get("patch_size", 1))
-        stride = int(mar.get("vae_stride", 16))
-        image_size = int(mar.get("img_size", 256))
-        grid = image_size // stride // patch
-        buffer = int(mar.get("buffer_size", 64))
-        common = dict(
-            mlp_ratio=float(mar.get("mlp_ratio", 4.0)),
-            attn_dropout=float(mar.get("attn_dropout", 0.1)),
-            proj_dropout=float(mar.get("proj_dropout", 0.1)),
-            buffer_size=buffer,
-            base_grid=(grid, grid),
-        )
-        enc_dim = int(mar.get("encoder_embed_dim", 1024))
-        dec_dim = int(mar.get("decoder_embed_dim", 1024))
-        token_dim = int(mar.get("vae_embed_dim", 16)) * patch**2
-        data: dict[str, Any] = dict(
-            encoder=ComponentSpec(name="mar", config=dict(
-                token_dim=token_dim, embed_dim=enc_dim, depth=int(mar.get("encoder_depth", 16)),
-                num_heads=int(mar.get("encoder_num_heads", 16)), **common)),
-            decoder=ComponentSpec(name="mar", config=dict(
-                encoder_dim=enc_dim, embed_dim=dec_dim, depth=int(mar.get("decoder_depth", 16)),
-                num_heads=int(mar.get("decoder_num_heads", 16)), **common)),
-            head=ComponentSpec(name="mlp-adaln", config=dict(
-                token_dim=token_dim, cond_dim=dec_dim, width=int(mar.get("diffloss_w", 1024)),
-                depth=int(mar.get("diffloss_d", 3)), num_sampling_steps=int(mar.get("num_sampling_steps", 100)),
-                diffusion_batch_mul=int(mar.get("diffusion_batch_mul", 4)))),
-            vae=vae,
-            vae_scale=float(original.get("vae_scale", 0.2325)),
-            vae_stride=stride,
-            patch_size=patch,
-            image_size=image_size,
-            mask_ratio_min=float(mar.get("mask_ratio_min", 0.7)),
-        )
-        if "prompt_template" in original:
-            data["prompt_template"] = PromptTemplate(**original["prompt_template"])
-        if llm_config is not None:
-            data["backbone"] = ComponentSpec(name="qwen2", config=qwen_fields_from_transformers(llm_config))
-        return cls(**data)
+    def from_original(cls, original: Any, llm_config: Any | None = None) -> "HarmonConfig":
+        """From the original model config — the release's mmengine ``.py`` config (read, not run), its JSON form
+        or a dict: the ``mar`` / ``vae`` constructor arguments, ``vae_scale``, ``prompt_template``, ... (see
+        :mod:`harmon.original_config`) — and the LLM's transformers config (for the backbone shape)."""
+        from harmon.original_config import read_original_config, to_harmon_config
+
+        return to_harmon_config(read_original_config(original), llm_config)
 
 
 def to_original_config(config: HarmonConfig) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """Tiny, offline building blocks for tests, examples and smoke runs (no hub access).
 
-``prompt_rows()`` lays prompt ids out as the sampler takes them; ``tiny_tokenizer()`` builds a character-level BPE tokenizer with the Qwen chat special tokens
+``prompt_rows()`` lays prompt ids out as the sampler takes them and ``generate_tokens()`` runs the pipeline's
+loop on them; ``tiny_tokenizer()`` builds a character-level BPE tokenizer with the Qwen chat special tokens
 (``<|endoftext|>`` = 0, ``<|im_start|>`` = 1, ``<|im_end|>`` = 2, ``<image>`` = 3) that fits the ``tiny``
 preset's 256-token vocabulary; ``tiny_model()`` a randomly initialised ``tiny`` HarmonModel.
 """
@@ -61,14 +62,46 @@ def tiny_model(seed: int = 0, sane_head: bool = True, understanding_encoder=None
     return model.eval()
 
 
-__all__ = ["SPECIAL_TOKENS", "tiny_model", "tiny_tokenizer"]
+def generate_tokens(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    image_shape: tuple[int, int],
+    num_steps: int,
+    guidance_scale: float = 3.0,
+    tokenizer=None,
+    pipeline=None,
+    **kwargs,
+) -> torch.Tensor:
+    """The pipeline's sampling loop on ready prompt rows of ``model`` (a :class:`~harmon.model.HarmonModel`):
+    tokens ``(B, m, n, C)``. ``kwargs`` go to :meth:`HarmonPipeline.__call__` (``generator``, ``random_source``,
+    ``guidance_schedule``, ``temperature``, ``sampler``, ``head_steps``, ``compile_head``, ...); ``pipeline``: a
+    ready pipeline over ``model`` (else one is built, with ``tokenizer`` or the tiny one)."""
+    from harmon.latents import latents_to_tokens
+    from harmon.pipelines import HarmonPipeline
+
+    pipe = pipeline
+    if pipe is None:
+        pipe = HarmonPipeline.from_model(model, tokenizer if tokenizer is not None else tiny_tokenizer())
+        pipe.set_progress_bar_config(disable=True)
+    stride = model.config.latent_stride
+    m, n = image_shape
+    latents = pipe(
+        prompt_input_ids=input_ids, prompt_attention_mask=attention_mask, height=m * stride, width=n * stride,
+        num_inference_steps=num_steps, guidance_scale=guidance_scale, output_type="latent", **kwargs,
+    ).images
+    return latents_to_tokens(latents, model.config.patch_size)
+
+
+__all__ = ["SPECIAL_TOKENS", "generate_tokens", "prompt_rows", "tiny_model", "tiny_tokenizer"]
 
 
 def prompt_rows(
     cond: list[list[int]], uncond: list[int] | None, pad_id: int = 2
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompt id lists → right-padded ``(input_ids, attention_mask)`` rows as :meth:`HarmonModel.generate_tokens`
-    takes them: the ``cond`` rows, then (``uncond`` given, i.e. with guidance) one ``uncond`` row per cond row."""
+    """Prompt id lists → right-padded ``(input_ids, attention_mask)`` rows as :meth:`HarmonPipeline.__call__`
+    takes them (``prompt_input_ids``): the ``cond`` rows, then (``uncond`` given, i.e. with guidance) one ``uncond`` row per cond row."""
     rows = cond + ([uncond] * len(cond) if uncond is not None else [])
     length = max(len(r) for r in rows)
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long)

@@ -12,12 +12,10 @@ import torch
 
 from harmon.cli import main, read_prompts
 from harmon.pipelines import HarmonPipeline
-from harmon.randomness import ReplayRandomSource
 from harmon.testing import tiny_model, tiny_tokenizer
 
-from conftest import assert_close
+from conftest import assert_close, parity_readme, recorded_image_token_id, replay_recorded_image
 
-DECODED_ATOL = 3e-5  # see tests/test_parity.py
 
 
 @pytest.fixture(scope="module")
@@ -91,31 +89,36 @@ def test_errors_are_reported_not_raised(pipeline_dir, tmp_path, capsys):
         read_prompts(None, str(bad))
 
 
-def test_convert_the_original_fixture_reproduces_its_tensors(parity_dir, parity_tensors, original_config, tmp_path):
+def test_convert_the_original_fixture_reproduces_its_tensors(fixture_files, parity_dir, parity_tensors, original_config,
+                                                             tmp_path):
     out = tmp_path / "converted"
-    assert main(["convert", "--harmon", str(parity_dir / "harmon_tiny.pth"), "--vae", str(parity_dir / "kl16_tiny.ckpt"),
-                 "--llm", str(parity_dir / "llm"), "--config", str(parity_dir / "original_config.json"),
+    assert main(["convert", "--harmon", str(fixture_files["harmon"]), "--vae", str(fixture_files["vae"]),
+                 "--llm", str(fixture_files["llm"]), "--config", str(fixture_files["config"]),
                  "--out", str(out)]) == 0
-    written = json.loads((out / "original_config.json").read_text())
-    assert written["vae"] == original_config["vae"] and written["vae_scale"] == original_config["vae_scale"]
-    for key in ("encoder_embed_dim", "decoder_depth", "buffer_size", "diffloss_w", "num_sampling_steps"):
-        assert written["mar"][key] == original_config["mar"][key], key
+    from harmon.original_config import read_original_config
+
+    written, given = (read_original_config(c).model for c in (out / "original_config.json", original_config))
+    assert (written.vae.embed_dim, written.vae.ch_mult, written.vae_scale) == (
+        given.vae.embed_dim, given.vae.ch_mult, given.vae_scale)
+    for key in ("encoder_embed_dim", "decoder_depth", "buffer_size", "diffloss_w"):
+        assert getattr(written.mar, key) == getattr(given.mar, key), key
+    assert int(written.mar.num_sampling_steps) == int(given.mar.num_sampling_steps)
 
     pipe = HarmonPipeline.from_pretrained(out)
     t = parity_tensors
     assert_close(pipe.model.encode_image(t["vae.image"]), t["vae.tokens"], 1e-5, "vae.tokens")
-    noises = [t[k] for k in sorted(k for k in t if k.startswith("e2e.noise."))]
-    _, m, n, _ = t["vae.tokens"].shape
-    image = pipe.model.generate_images(
-        t["e2e.input_ids"], t["e2e.attention_mask"], image_shape=(m, n), num_steps=len(t["e2e.mask_len"]),
-        guidance_scale=3.0, guidance_schedule="linear", temperature=0.95,
-        random_source=ReplayRandomSource(t["e2e.orders"], noises),
-    )
-    assert_close(image, t["e2e.image"], DECODED_ATOL, "e2e.image")
+    readme = parity_readme(parity_dir)
+    image = replay_recorded_image(pipe, t, readme)
+    assert_close(image, t["e2e.image"], 1e-5, "e2e.image")  # as tests/test_parity.py
     # the tokenizer came along from the LLM folder
-    assert pipe.tokenizer.convert_tokens_to_ids("<image>") == 3 and pipe.tokenizer.eos_token == "<|im_end|>"
+    from transformers import AutoTokenizer
+
+    folder_tokenizer = AutoTokenizer.from_pretrained(str(fixture_files["llm"]))
+    assert pipe.tokenizer.get_vocab() == folder_tokenizer.get_vocab()
+    assert pipe.tokenizer.eos_token == folder_tokenizer.eos_token
     with torch.no_grad():
         logits = pipe.llm(inputs_embeds=pipe.model.splice_image_embeddings(
-            t["und.input_ids"], pipe.model.image_embeddings(t["vae.image"]), pipe.llm.config.vocab_size - 1
+            t["und.input_ids"], pipe.model.image_embeddings(t["vae.image"]),
+            recorded_image_token_id(readme, t, pipe.llm.config.vocab_size)
         )).logits[:, -1]
     assert_close(logits, t["und.last_logits"], 1e-5, "und.last_logits")

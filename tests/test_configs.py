@@ -72,12 +72,14 @@ def test_config_json_round_trip():
 
 def test_from_original_reads_every_size(original_config):
     config = HarmonConfig.from_original(original_config)
-    mar = original_config["mar"]
+    from harmon.original_config import OriginalMARConfig
+
+    mar = OriginalMARConfig.model_validate(original_config["mar"]).model_dump()  # a factory's sizes filled in
     encoder = config.encoder.resolve(ENCODERS)
     head = config.head.resolve(HEADS)
     assert encoder.embed_dim == mar["encoder_embed_dim"] and encoder.buffer_size == mar["buffer_size"]
     assert head.num_sampling_steps == int(mar["num_sampling_steps"]) and head.depth == mar["diffloss_d"]
-    assert config.vae.ch == original_config["vae"]["ch"]
+    assert config.vae.ch == original_config["vae"].get("ch", 128)  # unstated: the released kl16's width
 
 
 def test_from_original_rejects_unknown_keys(original_config):

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from harmon.heads.diffusion import RespacedGaussianDiffusion, _noise_coupling, adm_cosine_scheduler
+from harmon.heads.fused_sampler import _noise_coupling
 from harmon.randomness import GeneratorRandomSource, ReplayRandomSource
-from harmon.testing import prompt_rows, tiny_model
+from harmon.schedulers import ADMScheduler
+from harmon.testing import generate_tokens, prompt_rows, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT_A = [1, 10, 11, 12, 13, 2, 1, 5]
@@ -43,7 +44,7 @@ def generate(model, seed=0, prompts=(PROMPT_A,), guidance=3.0, per_image=False, 
             kwargs["generator"] = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
         else:
             kwargs["generator"] = torch.Generator().manual_seed(seed)
-    return model.generate_tokens(ids, mask, guidance_scale=guidance, random_source=random_source, **kwargs)
+    return generate_tokens(model, ids, mask, guidance_scale=guidance, random_source=random_source, **kwargs)
 
 
 def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -154,7 +155,7 @@ def test_fast_sampler_head_steps_and_errors(model):
     configured = model.head.sample_diffusion.num_timesteps
     assert model.head.prepare_sampler(fast=True).num_steps == configured // 4
     assert generate(model, seed=1, sampler="fast", head_steps=5).shape == (1, 4, 4, model.config.token_dim)
-    with pytest.raises(ValueError, match="num_steps"):
+    with pytest.raises(ValueError, match="head_steps"):
         generate(model, sampler="fast", head_steps=configured + 1)
     with pytest.raises(ValueError, match="head_steps"):
         generate(model, sampler="exact", head_steps=5)
@@ -172,10 +173,9 @@ def test_a_head_without_a_fused_sampler_falls_back_to_its_own_sample(model, monk
 
 
 def test_noise_coupling_gives_standard_normal_independent_noises():
-    scheduler = adm_cosine_scheduler()
-    fine = RespacedGaussianDiffusion(scheduler, 100)
+    fine = ADMScheduler().respaced(100)
     for steps in (50, 25, 10, 1):
-        coarse = RespacedGaussianDiffusion(adm_cosine_scheduler(), steps)
+        coarse = fine.respaced(steps)
         weights = _noise_coupling(fine, coarse)
         assert weights.shape == (steps, 100)
         assert np.allclose(weights[0], 0.0)

@@ -8,7 +8,7 @@ import torch
 from harmon.configs import HarmonConfig
 from harmon.model import HarmonModel, mask_schedule
 from harmon.randomness import GeneratorRandomSource
-from harmon.testing import prompt_rows
+from harmon.testing import generate_tokens, prompt_rows
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def generate(model, generator=None, prompts=(PROMPT_A,), guidance=3.0, **kwargs)
     ids, mask = prompt_rows([list(p) for p in prompts], UNCOND if guidance != 1.0 else None)
     kwargs.setdefault("image_shape", (4, 4))
     kwargs.setdefault("num_steps", 4)
-    return model.generate_tokens(ids, mask, guidance_scale=guidance, generator=generator, **kwargs)
+    return generate_tokens(model, ids, mask, guidance_scale=guidance, generator=generator, **kwargs)
 
 
 def seeded(seed: int) -> torch.Generator:
@@ -96,13 +96,14 @@ def test_non_square_generation(model):
 @pytest.mark.parametrize("steps", [1, 16])
 def test_one_step_and_one_token_per_step(model, steps):
     calls = []
-    tokens = generate(model, seeded(0), num_steps=steps, callback=lambda step, total, t: calls.append(step))
+    tokens = generate(model, seeded(0), num_steps=steps, 
+                      callback_on_step_end=lambda pipe, step, total, state: calls.append(step))
     assert calls == list(range(steps))
     assert bool((tokens.abs().sum(-1) > 0).all()), "every token must have been sampled"
 
 
 def test_too_many_steps_is_an_error(model):
-    with pytest.raises(ValueError, match="num_steps"):
+    with pytest.raises(ValueError, match="num_inference_steps"):
         generate(model, seeded(0), num_steps=17)
 
 
@@ -114,7 +115,7 @@ def test_without_guidance_and_with_linear_guidance(model):
         generate(model, seeded(3), guidance_schedule="cosine")
     with pytest.raises(ValueError, match="odd number of rows"):
         ids, mask = prompt_rows([PROMPT_A], None)
-        model.generate_tokens(ids, mask, image_shape=(4, 4), num_steps=2, guidance_scale=2.0)
+        generate_tokens(model, ids, mask, image_shape=(4, 4), num_steps=2, guidance_scale=2.0)
 
 
 def test_prompt_cache_is_cut_back_every_step(model, monkeypatch):

@@ -116,7 +116,7 @@ def test_reconstruction_loss_equals_the_hand_assembled_reference(models, kind):
         tokens, input_ids, attention_mask, IMAGE_ID, pixels=pixels, mask=mask, generator=seeded(3)
     )
     assert_close(swapped, loss)  # seeded: the same call gives the same loss
-    assert abs(float(other) - float(loss)) > 1e-6
+    assert abs(float(other.detach()) - float(loss.detach())) > 1e-6
 
 
 def encoder_gradients(model, scale: float, batch, module_name: str) -> torch.Tensor:

@@ -17,7 +17,8 @@ from harmon.encoders.vae import (
     convert_ldm_kl_state_dict,
     load_ldm_kl_checkpoint,
 )
-from conftest import assert_close
+from harmon.checkpoints import read_state_dict
+from conftest import assert_close, parity_files
 
 # The decoder output (|x| up to ~2.4, 64x64x3) carries float32 rounding noise of about 1e-5: the recorded
 # `vae.decoded` is itself 1.03e-5 max-abs away from a float64 evaluation of the same weights and input, so no
@@ -57,8 +58,9 @@ def _encode_decode(vae: AutoencoderKL, x: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 def test_parity_with_original(parity_dir, parity_tensors, original_config):
-    config = KLAutoencoderConfig.from_original(original_config["vae"])
-    vae = load_ldm_kl_checkpoint(parity_dir / "kl16_tiny.ckpt", config)
+    checkpoint = parity_files(parity_dir)["vae"]
+    config = KLAutoencoderConfig.from_original(original_config["vae"], read_state_dict(checkpoint))
+    vae = load_ldm_kl_checkpoint(checkpoint, config)
     assert not vae.training
 
     with torch.no_grad():
@@ -72,8 +74,8 @@ def test_parity_with_original(parity_dir, parity_tensors, original_config):
 
 def test_original_layout_names(parity_dir, original_config):
     """The converter's names agree with the released layout: exporting a built model yields exactly its keys."""
-    config = KLAutoencoderConfig.from_original(original_config["vae"])
-    original = torch.load(parity_dir / "kl16_tiny.ckpt", map_location="cpu", weights_only=True)["model"]
+    original = read_state_dict(parity_files(parity_dir)["vae"])
+    config = KLAutoencoderConfig.from_original(original_config["vae"], original)
     exported = convert_kl_state_dict_to_ldm(build_kl_autoencoder(config).state_dict(), config)
     assert sorted(exported) == sorted(original)
     assert {k: tuple(v.shape) for k, v in exported.items()} == {k: tuple(v.shape) for k, v in original.items()}
@@ -88,8 +90,8 @@ def test_config():
     assert default.block_out_channels == (128, 128, 256, 256, 512)
     assert TINY.attention_levels == (1,)
     assert KLAutoencoderConfig.from_original({"embed_dim": 16, "ch_mult": [1, 2], "ch": 32}).ch_mult == (1, 2)
-    with pytest.raises(ValueError, match="ckpt_path"):
-        KLAutoencoderConfig.from_original({"embed_dim": 16, "ch_mult": [1, 2], "ckpt_path": "x"})
+    with pytest.raises(ValueError, match="channels"):  # not an AutoencoderKL argument (ckpt_path is one)
+        KLAutoencoderConfig.from_original({"embed_dim": 16, "ch_mult": [1, 2], "ckpt_path": "x", "channels": 3})
     with pytest.raises(ValueError, match="ch_mult"):
         KLAutoencoderConfig.from_original({"embed_dim": 16})
     with pytest.raises(ValueError):

@@ -43,7 +43,7 @@ from einops import rearrange
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from torch import Tensor, nn
 
-from harmon.checkpoints import CheckpointKeyError, read_state_dict
+from harmon.checkpoints import CheckpointKeyError, read_state_dict, summarise_names
 from harmon.encoders.common import (
     IDENTITY_MEAN_STD,
     ConfiguredPixelPreprocessing,
@@ -107,15 +107,13 @@ class KLAutoencoderConfig(BaseModel):
         return ldm_attention_levels(self.resolution, self.num_levels, self.attn_resolutions)
 
     @classmethod
-    def from_original(cls, d: dict[str, Any]) -> KLAutoencoderConfig:
-        """From the original config's ``vae`` dict (``embed_dim``, ``ch_mult`` required; other fields optional)."""
-        unknown = sorted(set(d) - set(cls.model_fields))
-        if unknown:
-            raise ValueError(f"unknown key(s) in the original vae config: {unknown}")
-        missing = [k for k in ("embed_dim", "ch_mult") if k not in d]
-        if missing:
-            raise ValueError(f"original vae config lacks required key(s): {missing}")
-        return cls(**d)
+    def from_original(cls, d: dict[str, Any], state_dict: dict[str, Tensor] | None = None) -> KLAutoencoderConfig:
+        """From the original config's ``vae`` dict: the original ``AutoencoderKL`` arguments (``embed_dim``,
+        ``ch_mult`` required; see :class:`harmon.original_config.OriginalVAEConfig`). Sizes the dict does not state
+        (``ch``, ``num_res_blocks``) come from ``state_dict`` (the LDM-layout checkpoint) when given."""
+        from harmon.original_config import OriginalVAEConfig, kl_autoencoder_fields
+
+        return cls(**kl_autoencoder_fields(OriginalVAEConfig.model_validate(d), state_dict))
 
 
 def ldm_attention_levels(resolution: int, num_levels: int, attn_resolutions: tuple[int, ...]) -> tuple[int, ...]:
@@ -289,7 +287,7 @@ def convert_ldm_autoencoder_state_dict(
         if tuple(v.shape) != tuple(reference[k].shape)
     ]
     problems = [
-        f"{label} ({len(keys)}): {', '.join(keys)}"
+        f"{label} ({len(keys)}): {summarise_names(keys)}"
         for label, keys in (
             ("missing", missing),
             ("unexpected", unexpected),

@@ -1,6 +1,8 @@
-"""Pipelines: :class:`HarmonPipeline` (diffusers) and its :class:`HarmonCore` component."""
+"""Pipelines: :class:`HarmonPipeline` (diffusers) and its :class:`HarmonProcessor`; the core is
+:class:`harmon.core.HarmonCore` (re-exported here)."""
 
-from harmon.pipelines.core import HarmonCore
+from harmon.core import HarmonCore
 from harmon.pipelines.pipeline_harmon import HarmonPipeline
+from harmon.pipelines.processing_harmon import HarmonProcessor
 
-__all__ = ["HarmonCore", "HarmonPipeline"]
+__all__ = ["HarmonCore", "HarmonPipeline", "HarmonProcessor"]

@@ -1,4 +1,11 @@
-"""``HarmonPipeline``: text → image and image → text with one Harmon model, as a diffusers pipeline."""
+"""``HarmonPipeline``: text → image and image → text with one Harmon model, as a diffusers pipeline.
+
+The pipeline owns the masked-autoregressive sampling loop (``__call__``): validate → encode the prompt (the
+:class:`~harmon.pipelines.HarmonProcessor`) → prefill the LLM's KV cache → per step: encoder → LLM → decoder (the
+:class:`~harmon.core.HarmonCore` entry points) → the diffusion head samples on the
+:class:`~harmon.schedulers.ADMScheduler` → the unconditional rows take the conditional rows' tokens →
+``callback_on_step_end`` → progress; then the VAE decodes.
+"""
 
 from __future__ import annotations
 
@@ -9,18 +16,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, ImagePipelineOutput
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput
+from transformers import PreTrainedModel
 
-from harmon.checkpoints import check_state_dict
+from harmon.core import HarmonCore, prefill, splice_image_embeddings, through_llm
 from harmon.encoders.common import fail_fast_for_hub_id, saved_weights_follow
-from harmon.model import GUIDANCE_SCHEDULES, SAMPLERS, HarmonModel
-from harmon.pipelines.core import HarmonCore
-from harmon.pipelines.image_processing import ImageInput, postprocessor, preprocess_for_understanding
+from harmon.heads.diffusion import adm_scheduler_for
+from harmon.latents import latents_to_tokens, tokens_to_latents, vae_encode
+from harmon.model import GUIDANCE_SCHEDULES, SAMPLERS, HarmonModel, mask_schedule
+from harmon.pipelines.image_processing import ImageInput, postprocessor
+from harmon.pipelines.processing_harmon import IMAGE_TOKEN, HarmonProcessor
+from harmon.randomness import as_random_source
+from harmon.schedulers import ADMScheduler
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-IMAGE_TOKEN = "<image>"
 MAX_IMAGE_SIDE = 4096
+DEFAULT_MAR_STEPS = 64
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -40,87 +51,94 @@ class HarmonPipeline(DiffusionPipeline):
     r"""Text-to-image generation and image understanding with Harmon (arXiv 2503.21979).
 
     Args:
-        tokenizer ([`~transformers.PreTrainedTokenizerBase`]): the LLM's tokenizer (Qwen chat tokens and an
-            ``<image>`` placeholder token).
+        processor ([`HarmonProcessor`]): tokenizer, chat template, ``<image>`` placeholder, stop ids, image
+            preparation for understanding.
         llm ([`~transformers.PreTrainedModel`]): the causal LLM (``Qwen2ForCausalLM``).
-        harmon ([`HarmonCore`]): MAR encoder, MAR decoder, diffusion head and connectors (and, decoupled, the
-            understanding encoder with its own connector; shared, the MAR encoder serves understanding too).
-        vae ([`~diffusers.AutoencoderKL`]): the KL-16 image tokenizer.
-        scheduler ([`~diffusers.DDPMScheduler`]): the diffusion head's noise schedule (ADM cosine, learned range).
+        harmon ([`~harmon.core.HarmonCore`]): MAR encoder, MAR decoder, diffusion head and connectors (and,
+            decoupled, the understanding encoder with its own connector).
+        vae ([`~diffusers.AutoencoderKL`]): the KL-16 image tokenizer; its ``scaling_factor`` is Harmon's
+            ``vae_scale`` (0.2325).
+        scheduler ([`~harmon.schedulers.ADMScheduler`]): the diffusion head's chain (ADM cosine, learned range,
+            respaced to ``num_sampling_steps``). Another ADMScheduler config is used as given; a scheduler the
+            head cannot sample with is refused.
     """
 
     model_cpu_offload_seq = "llm->harmon->vae"
     _optional_components: list[str] = []
+    _callback_tensor_inputs = ["tokens", "mask"]
 
     def __init__(
         self,
-        tokenizer: PreTrainedTokenizerBase,
+        processor: HarmonProcessor,
         llm: PreTrainedModel,
         harmon: HarmonCore,
         vae: AutoencoderKL,
-        scheduler: DDPMScheduler,
+        scheduler: ADMScheduler,
     ) -> None:
         super().__init__()
-        self.register_modules(tokenizer=tokenizer, llm=llm, harmon=harmon, vae=vae, scheduler=scheduler)
-        harmon.head.set_scheduler(scheduler)
+        harmon.head.check_scheduler(scheduler)  # refuse what the head cannot use, before registering anything
+        if getattr(vae.config, "scaling_factor", None) != harmon.harmon.vae_scale:
+            # diffusers' latent convention: latents = posterior × scaling_factor (Harmon's vae_scale)
+            vae.register_to_config(scaling_factor=harmon.harmon.vae_scale)
+        self.register_modules(processor=processor, llm=llm, harmon=harmon, vae=vae, scheduler=scheduler)
         self.image_processor = postprocessor()
 
     # ------------------------------------------------------------------------------------------ construction
     @property
+    def tokenizer(self):
+        """The processor's tokenizer."""
+        return self.processor.tokenizer
+
+    @property
     def model(self) -> HarmonModel:
-        """A :class:`HarmonModel` view over the pipeline's components (same module objects, nothing copied)."""
+        """A :class:`HarmonModel` over the pipeline's components (same module objects, nothing copied): the
+        training-side view (losses, ``config``)."""
         cached = self.__dict__.get("_model_view")
         parts = (self.harmon, self.llm, self.vae)
         if cached is None or cached[0] != tuple(map(id, parts)):
-            core = self.harmon
-            model = HarmonModel(
-                core.harmon, vae=self.vae, encoder=core.encoder, decoder=core.decoder, head=core.head,
-                llm=self.llm, proj_in=core.proj_in, proj_out=core.proj_out,
-                understanding_encoder=core.understanding_encoder, understanding_proj_in=core.understanding_proj_in,
-            ).eval()
-            cached = (tuple(map(id, parts)), model)
+            cached = (tuple(map(id, parts)), HarmonModel.from_core(self.harmon, self.llm, self.vae))
             self.__dict__["_model_view"] = cached
         return cached[1]
 
     @classmethod
     def from_model(
-        cls, model: HarmonModel, tokenizer: PreTrainedTokenizerBase, scheduler: DDPMScheduler | None = None
+        cls, model: HarmonModel, tokenizer, scheduler: ADMScheduler | None = None
     ) -> "HarmonPipeline":
-        """A pipeline sharing ``model``'s modules (no copy)."""
-        with saved_weights_follow():  # every module of this core is replaced by the model's right below
-            core = HarmonCore(harmon_config=model.config.model_dump(mode="json"))
-        core.encoder, core.decoder, core.head = model.encoder, model.decoder, model.head
-        core.proj_in, core.proj_out = model.proj_in, model.proj_out
-        core.understanding_encoder = model.understanding_encoder
-        core.understanding_proj_in = model.understanding_proj_in
-        _check_tokenizer(tokenizer)
+        """A pipeline sharing ``model``'s modules (no copy); ``tokenizer`` (or a ready :class:`HarmonProcessor`)."""
+        processor = tokenizer if isinstance(tokenizer, HarmonProcessor) else HarmonProcessor.from_config(
+            tokenizer, model.config, image_size=model.core.understanding_image_size
+        )
         return cls(
-            tokenizer=tokenizer, llm=model.llm, harmon=core, vae=model.vae,
-            scheduler=scheduler if scheduler is not None else model.head.scheduler,
+            processor=processor, llm=model.llm, harmon=model.core, vae=model.vae,
+            scheduler=scheduler if scheduler is not None else adm_scheduler_for(model.head.config),
         )
 
     @classmethod
     def from_original(
         cls,
         harmon_checkpoint: str | os.PathLike,
-        vae_checkpoint: str | os.PathLike,
-        llm_folder: str | os.PathLike,
+        vae_checkpoint: str | os.PathLike | None = None,
+        llm_folder: str | os.PathLike | None = None,
         *,
         original_config: str | os.PathLike | dict | None = None,
         preset: str | None = None,
         attn_implementation: str = "auto",
     ) -> "HarmonPipeline":
-        """Convert the original release (``harmon_*.pth``, ``kl16.ckpt``, a Qwen folder with its tokenizer)."""
+        """Convert the original release (``harmon_*.pth``, ``kl16.ckpt``, a Qwen folder with its tokenizer).
+
+        ``original_config`` (the CLI's ``--config``): the release's ``configs/models/*.py`` (read, not run), or
+        its JSON form; ``vae_checkpoint`` / ``llm_folder`` then default to the ones it names. Or a ``preset``."""
         from transformers import AutoTokenizer
 
-        from harmon.conversion import load_original_harmon
+        from harmon.conversion import load_original_harmon, resolve_original_files
 
+        original_config, vae_checkpoint, llm_folder = resolve_original_files(  # the files the config names
+            vae_checkpoint, llm_folder, original_config)
         model = load_original_harmon(
             harmon_checkpoint, vae_checkpoint, llm_folder, original_config=original_config, preset=preset,
             attn_implementation=attn_implementation,
         )
-        tokenizer = AutoTokenizer.from_pretrained(str(llm_folder))
-        return cls.from_model(model, tokenizer)
+        return cls.from_model(model, AutoTokenizer.from_pretrained(str(llm_folder)))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "HarmonPipeline":
@@ -137,9 +155,10 @@ class HarmonPipeline(DiffusionPipeline):
         if not index.is_file():
             raise ValueError(f"{path} is not a Harmon pipeline folder: model_index.json is missing")
         class_name = json.loads(index.read_text()).get("_class_name")
+        if isinstance(class_name, list):  # ["harmon_pipeline", "HarmonPipeline"]: diffusers' custom-class form
+            class_name = class_name[-1]
         if class_name != cls.__name__:
             raise ValueError(f"{path} holds a {class_name!r} pipeline, not a {cls.__name__}")
-        _check_core_weights(path / "harmon")
         attn_implementation = kwargs.pop("attn_implementation", None)
         if "torch_dtype" in kwargs:  # diffusers' older spelling
             kwargs["dtype"] = kwargs.pop("torch_dtype")
@@ -151,40 +170,15 @@ class HarmonPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------------------------------ offloading
     def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None) -> None:
-        """Keep components on the CPU and move each phase's components to ``device`` only while it runs.
-
-        Harmon calls its components many times per image (every MAR step runs the encoder, the LLM, the decoder
-        and the head), so accelerate's per-forward hooks would shuttle the LLM between devices at every step.
-        Offloading here is per phase instead, in the order ``model_cpu_offload_seq`` (llm → harmon → vae):
-        sampling holds the LLM and the Harmon core, decoding only the VAE; understanding holds the VAE and the
-        core, then the LLM and the core.
-        """
-        device = torch.device(device if device is not None else "cuda")
-        if device.type != "cpu" and device.index is None:
-            device = torch.device(device.type, gpu_id or 0)
-        self._harmon_offload_device = device
-        self._place()
-
-    def disable_model_cpu_offload(self) -> None:
-        self.__dict__.pop("_harmon_offload_device", None)
-
-    @property
-    def _execution_device(self) -> torch.device:
-        offload_device = self.__dict__.get("_harmon_offload_device")
-        return offload_device if offload_device is not None else super()._execution_device
-
-    def _place(self, *active: str) -> None:
-        """With offloading on: ``active`` components on the execution device, every other one on the CPU."""
-        device = self.__dict__.get("_harmon_offload_device")
-        if device is None:
-            return
-        names = self.model_cpu_offload_seq.split("->")
-        for name in sorted(names, key=lambda n: n in active):  # free memory before filling it
-            getattr(self, name).to(device if name in active else torch.device("cpu"))
-
-    def maybe_free_model_hooks(self) -> None:
-        self._place()
-        super().maybe_free_model_hooks()
+        """diffusers' model offload (accelerate hooks, ``model_cpu_offload_seq`` = llm → harmon → vae; raises
+        without an accelerator unless ``device`` is given), with one per-phase change: the LLM and the Harmon core
+        run alternately at every MAR step, so the core's hook does not evict the LLM (which would shuttle it
+        between devices twice per step). During sampling both are resident; decoding evicts the core for the VAE;
+        the end of every call returns everything to the CPU (``maybe_free_model_hooks``)."""
+        super().enable_model_cpu_offload(gpu_id=gpu_id, device=device)
+        hook = getattr(self.harmon, "_hf_hook", None)
+        if hook is not None and hasattr(hook, "prev_module_hook"):
+            hook.prev_module_hook = None
 
     def set_attn_implementation(self, attn_implementation: str) -> None:
         """``sdpa`` | ``eager`` | ``flash_attention_2`` | ``auto`` (flash-attn 2 on CUDA when installed)."""
@@ -192,11 +186,29 @@ class HarmonPipeline(DiffusionPipeline):
 
         self.llm.set_attn_implementation(resolve_attn_implementation(attn_implementation, self.device))
 
+    # ------------------------------------------------------------------------------------------ state
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale > 1
+
+    @property
+    def num_timesteps(self) -> int:
+        """The number of MAR steps of the current (or last) call."""
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
     # ------------------------------------------------------------------------------------------ validation
     def check_inputs(
         self,
         prompt: str | list[str] | None,
-        negative_prompt: str | None,
+        negative_prompt: str | list[str] | None,
         height: int,
         width: int,
         num_inference_steps: int,
@@ -208,21 +220,43 @@ class HarmonPipeline(DiffusionPipeline):
         output_type: str,
         sampler: str = "exact",
         head_steps: int | None = None,
-    ) -> list[str]:
-        """Validate the arguments of ``__call__``; return the prompts as a list."""
-        if prompt is None:
-            raise ValueError("prompt: give a prompt string or a non-empty list of prompt strings")
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
-            raise TypeError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
-        if not prompts:
-            raise ValueError("prompt: the list of prompts is empty")
-        empty = [i for i, p in enumerate(prompts) if not p.strip()]
-        if empty:
-            raise ValueError(f"prompt: prompt(s) {empty} are empty")
-        if negative_prompt is not None and not isinstance(negative_prompt, str):
-            raise TypeError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
-        stride = self.model.config.latent_stride
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("tokens",),
+        prompt_input_ids: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+    ) -> list[str] | None:
+        """Validate the arguments of ``__call__``; return the prompts as a list (``None`` for prompt ids)."""
+        prompts = None
+        if prompt_input_ids is not None:
+            if prompt is not None:
+                raise ValueError("prompt: give either prompt or prompt_input_ids, not both")
+            if prompt_attention_mask is None or prompt_attention_mask.shape != prompt_input_ids.shape:
+                raise ValueError("prompt_attention_mask: give one of the shape of prompt_input_ids")
+            rows = prompt_input_ids.shape[0]
+            if guidance_scale > 1 and rows % 2:
+                raise ValueError(f"prompt_input_ids: guidance needs [cond; uncond] rows, got an odd number of rows ({rows})")
+            images = rows // 2 if guidance_scale > 1 else rows
+        else:
+            if prompt is None:
+                raise ValueError("prompt: give a prompt string or a non-empty list of prompt strings")
+            prompts = [prompt] if isinstance(prompt, str) else prompt
+            if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+                raise TypeError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
+            if not prompts:
+                raise ValueError("prompt: the list of prompts is empty")
+            empty = [i for i, p in enumerate(prompts) if not p.strip()]
+            if empty:
+                raise ValueError(f"prompt: prompt(s) {empty} are empty")
+            if negative_prompt is not None and not isinstance(negative_prompt, str):
+                if not isinstance(negative_prompt, (list, tuple)) or not all(isinstance(n, str) for n in negative_prompt):
+                    raise TypeError(
+                        f"negative_prompt must be a string or a list of strings, got {type(negative_prompt).__name__}"
+                    )
+                if len(negative_prompt) != len(prompts):
+                    raise ValueError(
+                        f"negative_prompt: got {len(negative_prompt)} negative prompts for {len(prompts)} prompts"
+                    )
+            images = len(prompts) * num_images_per_prompt if isinstance(num_images_per_prompt, int) else 0
+        stride = self.harmon.harmon.latent_stride
         for name, value in (("height", height), ("width", width)):
             if not isinstance(value, int) or isinstance(value, bool):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -247,79 +281,80 @@ class HarmonPipeline(DiffusionPipeline):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be a positive int, got {num_images_per_prompt!r}")
-        images = len(prompts) * num_images_per_prompt
         if isinstance(generator, (list, tuple)) and len(generator) != images:
-            raise ValueError(
-                f"generator: got a list of {len(generator)} generators for {images} images "
-                f"({len(prompts)} prompts × {num_images_per_prompt} per prompt)"
-            )
+            raise ValueError(f"generator: got a list of {len(generator)} generators for {images} images")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        scheduler = self.harmon.head.check_scheduler(self.scheduler)  # a scheduler swapped in since __init__
         if head_steps is not None:
             if sampler != "fast":
                 raise ValueError(f"head_steps applies to sampler='fast' only (got sampler={sampler!r})")
-            configured = self.model.head.sample_diffusion.num_timesteps
+            configured = scheduler.config.num_sampling_steps
             if not isinstance(head_steps, int) or isinstance(head_steps, bool) or not 1 <= head_steps < configured:
                 raise ValueError(
                     f"head_steps must be an int between 1 and the head's {configured} sampling steps (exclusive), "
                     f"got {head_steps!r}"
                 )
-        return list(prompts)
+        unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs: {unknown} are not among {self._callback_tensor_inputs}"
+            )
+        return list(prompts) if prompts is not None else None
 
     # ------------------------------------------------------------------------------------------ prompts
-    def _chat(self, text: str) -> str:
-        return self.model.config.prompt_template.instruction.format(input=text)
-
-    def _tokenize_right_padded(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = [self.tokenizer.encode(text, add_special_tokens=True) for text in texts]
-        length = max(len(row) for row in rows)
-        pad_id = self.tokenizer.eos_token_id  # the original pads prompts with the EOS id
-        input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-            attention_mask[i, : len(row)] = 1
-        return input_ids, attention_mask
-
     def encode_prompt(
         self,
         prompts: list[str],
-        negative_prompt: str | None,
+        negative_prompt: str | list[str] | None,
         num_images_per_prompt: int,
         do_classifier_free_guidance: bool,
         num_image_tokens: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Chat-wrapped prompt rows ``[cond…; uncond…]`` (right-padded with EOS) and their attention mask.
+        """Chat-wrapped prompt rows ``[cond…; uncond…]`` (right-padded with EOS) and their attention mask, on the
+        execution device (:meth:`HarmonProcessor.generation_inputs`)."""
+        input_ids, attention_mask = self.processor.generation_inputs(
+            prompts, negative_prompt, num_images_per_prompt, do_classifier_free_guidance
+        )
+        self._check_context(input_ids.shape[1], num_image_tokens + self.harmon.buffer_size)
+        device = self._execution_device
+        return input_ids.to(device), attention_mask.to(device)
 
-        Conditional rows are ``"Generate an image: " + prompt`` in the chat template, each repeated
-        ``num_images_per_prompt`` times; the unconditional rows hold ``negative_prompt`` (default: the
-        original's ``"Generate an image."``)."""
-        config = self.model.config
-        cond = [self._chat(config.generation_prefix + p) for p in prompts for _ in range(num_images_per_prompt)]
-        texts = list(cond)
-        if do_classifier_free_guidance:
-            texts += [self._chat(negative_prompt or config.unconditional_prompt)] * len(cond)
-        input_ids, attention_mask = self._tokenize_right_padded(texts)
+    def _check_context(self, prompt_tokens: int, image_tokens: int) -> None:
         limit = self.llm.config.max_position_embeddings
-        needed = input_ids.shape[1] + num_image_tokens + self.model.buffer_size
-        if needed > limit:
+        if prompt_tokens + image_tokens > limit:
             raise ValueError(
-                f"prompt: {input_ids.shape[1]} prompt tokens + {num_image_tokens + self.model.buffer_size} image "
-                f"tokens exceed the LLM context of {limit} positions; shorten the prompt or the image"
+                f"prompt: {prompt_tokens} prompt tokens + {image_tokens} image tokens exceed the LLM context of "
+                f"{limit} positions; shorten the prompt or the image"
             )
-        return input_ids.to(self._execution_device), attention_mask.to(self._execution_device)
 
-    # ------------------------------------------------------------------------------------------ generation
+    # ------------------------------------------------------------------------------------------ sampling
+    def head_sampler(self, sampler: str = "exact", head_steps: int | None = None, compile_head: bool = False):
+        """The diffusion head's per-call sampling function on this pipeline's scheduler (``head.sample``'s
+        contract): ``"plain"`` steps the scheduler once per timestep through the denoiser's modules; ``"exact"``
+        is the fused loop on the same chain (same draws, same samples to float round-off); ``"fast"`` the fused
+        loop on the chain respaced to ``head_steps`` (default: a quarter), coupled to the exact sampler's draws."""
+        head = self.harmon.head
+        chain = head.check_scheduler(self.scheduler).respaced()  # a copy: a shared scheduler keeps its state
+        if sampler == "plain":
+            return lambda c, **kwargs: head.sample(c, scheduler=chain, **kwargs)
+        prepare = getattr(head, "prepare_sampler", None)
+        if prepare is None:
+            if sampler == "fast":
+                raise ValueError(f"sampler='fast' needs a head with prepare_sampler; {type(head).__name__} has none")
+            return lambda c, **kwargs: head.sample(c, scheduler=chain, **kwargs)
+        return prepare(head_steps, fast=sampler == "fast", compile=compile_head, scheduler=chain)
+
     @torch.no_grad()
     def __call__(
         self,
         prompt: str | list[str] | None = None,
-        negative_prompt: str | None = None,
+        negative_prompt: str | list[str] | None = None,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 64,
+        num_inference_steps: int | None = None,
         guidance_scale: float = 3.0,
         guidance_schedule: str = "constant",
         temperature: float = 1.0,
@@ -328,74 +363,163 @@ class HarmonPipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable[["HarmonPipeline", int, int, dict], dict | None] | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("tokens",),
         sampler: str = "exact",
         head_steps: int | None = None,
+        prompt_input_ids: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        random_source=None,
+        compile_head: bool = False,
     ) -> ImagePipelineOutput | tuple:
         r"""Generate images from text.
 
         Args:
             prompt: the prompt or prompts (wrapped as the original: ``"Generate an image: " + prompt`` in the
-                Qwen chat template).
-            negative_prompt: the unconditional prompt for classifier-free guidance (default
-                ``"Generate an image."``).
+                Qwen chat template; tokenized as text, never as control tokens).
+            negative_prompt: the unconditional prompt for classifier-free guidance, one for all or one per prompt
+                (default ``"Generate an image."``).
             height, width: output size in pixels, multiples of 16 (default: the model's image size; non-square
                 allowed).
-            num_inference_steps: masked-autoregressive steps (each predicts at least one token).
+            num_inference_steps: masked-autoregressive steps, each predicting at least one token (default
+                ``min(64, m·n)``: the release's 64 steps, or one per token for small grids).
             guidance_scale: classifier-free guidance on the diffusion head's ε (1 disables it).
             guidance_schedule: ``"constant"`` or ``"linear"`` (grows from 1 with the share of tokens generated).
             temperature: scales the diffusion head's sampling noise.
             num_images_per_prompt: images per prompt.
             generator: a ``torch.Generator`` or one per image; the same seeds give the same images.
-            output_type: ``"pil"``, ``"np"``, ``"pt"`` (``[0, 1]``) or ``"latent"`` (tokens ``(B, m, n, C)``).
+            output_type: ``"pil"``, ``"np"``, ``"pt"`` (``[0, 1]``) or ``"latent"``: the VAE latents
+                ``(B, C, H/16, W/16)`` scaled by ``vae.config.scaling_factor``, as diffusers returns them (decode
+                with ``pipe.vae.decode(latents / pipe.vae.config.scaling_factor)``).
             return_dict: return an ``ImagePipelineOutput`` (else a tuple).
-            callback_on_step_end: ``callback(pipe, step, num_steps, {"tokens": tokens})`` after each step.
+            callback_on_step_end: ``callback(pipe, step, num_steps, callback_kwargs)`` after each step;
+                ``callback_kwargs`` holds the tensors named in ``callback_on_step_end_tensor_inputs``
+                (``"tokens"``: the conditional rows' tokens ``(B, m, n, C)``, 0 where still masked; ``"mask"``:
+                ``(B, m·n)``, 1 = still masked). The dict it returns (``None``: nothing changed) replaces them;
+                the unconditional rows follow. Setting ``pipe._interrupt = True`` skips the remaining steps.
             sampler: ``"exact"`` (default: the fused sampler, the plain one's samples to float round-off),
-                ``"plain"`` (the straightforward loop, to compare against) or ``"fast"`` (fewer denoising steps
-                in the diffusion head: faster, slightly different samples; see ``docs/performance.md``).
-            head_steps: the diffusion head's denoising steps for ``sampler="fast"`` (default: a quarter of the
-                configured ones).
+                ``"plain"`` (the scheduler stepped through the denoiser's modules, to compare against) or
+                ``"fast"`` (fewer denoising steps in the diffusion head; see ``docs/performance.md``).
+            head_steps: the diffusion head's denoising steps for ``sampler="fast"`` (default: a quarter).
+            prompt_input_ids, prompt_attention_mask: ready prompt rows ``(R, T)`` instead of ``prompt``
+                (right-padded, ``[cond; uncond]`` with guidance).
+            random_source: a :mod:`harmon.randomness` source for every draw instead of ``generator`` (e.g. a
+                ``ReplayRandomSource`` replaying a recorded run).
+            compile_head: ``torch.compile`` the fused head step (CUDA graphs on CUDA).
         """
-        config = self.model.config
+        core = self.harmon
+        config = core.harmon
         height = height if height is not None else config.image_size
         width = width if width is not None else config.image_size
+        if num_inference_steps is None and all(isinstance(v, int) for v in (height, width)):
+            num_inference_steps = min(DEFAULT_MAR_STEPS, (height // config.latent_stride) * (width // config.latent_stride))
         prompts = self.check_inputs(
             prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, guidance_schedule,
             temperature, num_images_per_prompt, generator, output_type, sampler, head_steps,
+            callback_on_step_end_tensor_inputs, prompt_input_ids, prompt_attention_mask,
         )
-        m, n = self.model.latent_grid(height, width)
-        guided = guidance_scale > 1
-        input_ids, attention_mask = self.encode_prompt(
-            prompts, negative_prompt, num_images_per_prompt, guided, num_image_tokens=m * n
-        )
+        self._guidance_scale = float(guidance_scale)
+        self._num_timesteps = num_inference_steps
+        self._interrupt = False
+        guided = self.do_classifier_free_guidance
+        device = self._execution_device
+        m, n = core.latent_grid(height, width)
+        seq_len = m * n
 
-        def on_step(step: int, total: int, tokens: torch.Tensor) -> None:
-            if callback_on_step_end is not None:
-                callback_on_step_end(self, step, total, {"tokens": tokens})
-
-        self._place("llm", "harmon")
-        tokens = self.model.generate_tokens(
-            input_ids,
-            attention_mask,
-            image_shape=(m, n),
-            num_steps=num_inference_steps,
-            guidance_scale=guidance_scale if guided else 1.0,
-            guidance_schedule=guidance_schedule,
-            temperature=temperature,
-            generator=generator,
-            progress=lambda steps: self.progress_bar(steps),
-            callback=on_step,
-            sampler=sampler,
-            head_steps=head_steps,
-        )
-        if output_type == "latent":
-            images = tokens
+        # 1. prompt rows
+        if prompts is not None:
+            input_ids, attention_mask = self.encode_prompt(
+                prompts, negative_prompt, num_images_per_prompt, guided, num_image_tokens=seq_len
+            )
         else:
-            self._place("vae")
-            images = self.image_processor.postprocess(self.model.decode_tokens(tokens).float(), output_type=output_type)
+            self._check_context(prompt_input_ids.shape[1], seq_len + core.buffer_size)
+            input_ids, attention_mask = prompt_input_ids.to(device), prompt_attention_mask.to(device)
+        rows = input_ids.shape[0]
+        images = rows // 2 if guided else rows
+
+        # 2. prefill, state, randomness
+        source = as_random_source(generator, random_source)
+        sample_tokens = self.head_sampler(sampler, head_steps, compile_head)
+        cache = prefill(self.llm, input_ids)
+        prompt_length = cache.get_seq_length()
+        dtype = core.dtype
+        tokens = torch.zeros(rows, seq_len, config.token_dim, device=device, dtype=dtype)
+        mask = torch.ones(rows, seq_len, device=device, dtype=dtype)
+        orders = source.orders(images, seq_len, device)
+        if guided:
+            orders = torch.cat([orders, orders])
+        lengths = mask_schedule(seq_len, num_inference_steps)
+        # exact/fast: one encoder pass per guidance pair (both halves hold the same tokens, mask and buffer and the
+        # encoder does not read the prompt), the decoder at the predicted positions only; plain: everything
+        share_encoder = guided and sampler != "plain"
+        decoder_at_positions = sampler != "plain"
+
+        # 3. the MAR loop
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            for step in range(num_inference_steps):
+                if self.interrupt:
+                    continue
+                if step == num_inference_steps - 1:
+                    to_predict, next_mask = mask.bool(), mask
+                else:
+                    next_mask = torch.zeros_like(mask).scatter_(1, orders[:, : lengths[step]], 1.0)
+                    to_predict = mask.bool() & ~next_mask.bool()
+                if share_encoder:
+                    x_half, z_half = core.visual_features(tokens[:images].view(images, m, n, -1), mask[:images])
+                    x_enc = through_llm(core, self.llm, torch.cat([x_half, x_half]), torch.cat([z_half, z_half]),
+                                        attention_mask, past_key_values=cache)
+                else:
+                    x_enc, z_enc = core.visual_features(tokens.view(rows, m, n, -1), mask)
+                    x_enc = through_llm(core, self.llm, x_enc, z_enc, attention_mask, past_key_values=cache)
+                cache.crop(prompt_length - cache.get_seq_length())
+                if decoder_at_positions:  # the conditions of the tokens predicted now, and only those
+                    conditions = core.token_conditions(x_enc, mask, (m, n), positions=to_predict)
+                else:
+                    conditions = core.token_conditions(x_enc, mask, (m, n))[to_predict]
+                mask = next_mask
+                if to_predict.any():
+                    tokens[to_predict] = sample_tokens(
+                        conditions, temperature=temperature, random_source=source, row_groups=rows,
+                        guidance_scale=self._step_guidance(lengths[step], seq_len, guidance_schedule),
+                    ).to(dtype)
+                if guided:
+                    # as the original (``cur_tokens[bsz//2:] = cur_tokens[:bsz//2]``): the unconditional rows take
+                    # the conditional rows' tokens, so both halves feed the encoder the same tokens next step
+                    tokens[images:] = tokens[:images]
+                if callback_on_step_end is not None:
+                    state = {"tokens": tokens[:images].view(images, m, n, -1), "mask": mask[:images]}
+                    outputs = callback_on_step_end(
+                        self, step, num_inference_steps, {k: state[k] for k in callback_on_step_end_tensor_inputs}
+                    ) or {}
+                    if "tokens" in outputs:
+                        tokens[:images] = outputs["tokens"].reshape(images, seq_len, -1).to(tokens)
+                        if guided:
+                            tokens[images:] = tokens[:images]
+                    if "mask" in outputs:
+                        mask = outputs["mask"].to(mask).repeat(rows // images, 1)
+                progress_bar.update()
+
+        # 4. decode
+        latents = tokens_to_latents(tokens[:images].view(images, m, n, -1), config.patch_size)
+        if output_type == "latent":
+            images_out = latents
+        else:
+            pixels = self.vae.decode((latents / self.vae.config.scaling_factor).to(self.vae.dtype)).sample
+            images_out = self.image_processor.postprocess(pixels.float().clamp(-1, 1), output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
-            return (images,)
-        return ImagePipelineOutput(images=images)
+            return (images_out,)
+        return ImagePipelineOutput(images=images_out)
+
+    def _step_guidance(self, remaining: int, seq_len: int, schedule: str) -> float:
+        """The guidance scale of one MAR step: constant, or linear in the share of tokens generated. Computed in
+        float32 as the original computes it from its mask_len tensor, then handed to the head as a Python number
+        so that it follows the head's dtype (a float32 tensor broke bfloat16 sampling)."""
+        if not self.do_classifier_free_guidance:
+            return 1.0
+        if schedule == "linear":
+            left = torch.tensor([float(remaining)])
+            return float(1 + (self._guidance_scale - 1) * (seq_len - left) / seq_len)
+        return self._guidance_scale
 
     # ------------------------------------------------------------------------------------------ understanding
     @torch.no_grad()
@@ -410,13 +534,16 @@ class HarmonPipeline(DiffusionPipeline):
         seed: int | None = None,
         min_new_tokens: int | None = None,
         skip_special_tokens: bool = True,
+        image_size: int | None = None,
     ) -> str | list[str]:
         """Answer ``question`` about ``image`` (one of each, or equal-length lists for a batch → a list).
 
-        Images are padded to a square with gray (127, 127, 127) and resized, as the original, to the understanding
-        encoder's image size (the model's image size when shared); a decoupled pixel encoder then normalises them
-        with its own mean/std. The number of ``<image>`` placeholders is its number of features. Greedy decoding by default; ``do_sample=True`` samples, reproducibly for a given ``seed``.
-        ``min_new_tokens`` forbids stopping earlier.
+        Images are EXIF-oriented, padded to a square with gray (127, 127, 127) and resized, as the original, to
+        ``image_size`` (default: the processor's, i.e. what the release's scripts use for the preset; a
+        decoupled pixel encoder: its own size). On the token path the ``<image>`` placeholders number
+        (image_size/16)² + buffer and the encoder interpolates its position embeddings; a pixel encoder makes its
+        fixed number of features. Greedy decoding by default; ``do_sample=True`` samples, reproducibly for a given
+        ``seed``. ``min_new_tokens`` forbids stopping earlier.
         """
         batched = isinstance(question, (list, tuple))
         questions = list(question) if batched else [question]
@@ -429,82 +556,59 @@ class HarmonPipeline(DiffusionPipeline):
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         if do_sample and not temperature > 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-        model = self.model
-        size = model.understanding_image_size
-        pixels = preprocess_for_understanding(images, size).to(self._execution_device, model.dtype)
-        self._place("harmon", "vae")
-        image_embeds = model.image_embeddings(pixels)
-        self._place("llm", "harmon")
-        image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        placeholder = IMAGE_TOKEN * image_embeds.shape[1]
-        texts = [self._chat(f"{placeholder}\n{q}") for q in questions]
-        rows = [self.tokenizer.encode(text, add_special_tokens=True) for text in texts]
-        length = max(len(r) for r in rows)
+        core = self.harmon
+        size = self._understanding_size(image_size)
+        device = self._execution_device
+        pixels = self.processor.preprocess_images(images, size).to(device, core.dtype)
+        if core.understanding_reads_pixels:
+            image_embeds = core.understanding_features(pixels=pixels)
+        else:
+            latents = vae_encode(self.vae, pixels, self.vae.config.scaling_factor)
+            image_embeds = core.understanding_features(tokens=latents_to_tokens(latents, core.harmon.patch_size).to(core.dtype))
+        input_ids, attention_mask = self.processor.understanding_inputs(questions, image_embeds.shape[1])
+        length = input_ids.shape[1]
         if length + max_new_tokens > self.llm.config.max_position_embeddings:
             raise ValueError(
                 f"question: {length} prompt tokens + max_new_tokens {max_new_tokens} exceed the LLM context of "
                 f"{self.llm.config.max_position_embeddings} positions"
             )
-        # left padding, so that every row's answer starts right after its prompt
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, length - len(row):] = torch.tensor(row)
-            attention_mask[i, length - len(row):] = 1
-        inputs_embeds = model.splice_image_embeddings(input_ids, image_embeds, image_token_id)
-        stop_ids = _stop_token_ids(self.tokenizer)
-        sampling = dict(do_sample=do_sample)
+        inputs_embeds = splice_image_embeddings(self.llm, input_ids.to(device), image_embeds,
+                                                self.processor.image_token_id)
+        generation_config = self.processor.generation_config
+        generation_config.update(
+            max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample, use_cache=True
+        )
         if do_sample:
-            sampling.update(temperature=temperature, top_p=top_p)
-        devices = [self._execution_device] if self._execution_device.type == "cuda" else []
+            generation_config.update(temperature=temperature, top_p=top_p)
+        devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices, enabled=do_sample):
             if do_sample and seed is not None:
                 torch.manual_seed(seed)
-            new_ids = model.answer(
-                inputs_embeds, attention_mask.to(self._execution_device), max_new_tokens=max_new_tokens,
-                eos_token_id=stop_ids, pad_token_id=pad_id, min_new_tokens=min_new_tokens, **sampling,
+            new_ids = self.llm.generate(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask.to(device),
+                generation_config=generation_config,
             )
         self.maybe_free_model_hooks()
-        answers = self.tokenizer.batch_decode(new_ids, skip_special_tokens=skip_special_tokens)
+        answers = self.processor.batch_decode(new_ids, skip_special_tokens=skip_special_tokens)
         return answers if batched else answers[0]
+
+    def _understanding_size(self, image_size: int | None) -> int:
+        core = self.harmon
+        if core.understanding_reads_pixels:
+            own = core.understanding_image_size
+            if image_size is not None and image_size != own:
+                raise ValueError(f"image_size: the understanding encoder reads {own}-pixel images, got {image_size}")
+            return own
+        if image_size is None:
+            return self.processor.image_size
+        stride = core.harmon.latent_stride
+        if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size % stride or not \
+                stride <= image_size <= MAX_IMAGE_SIDE:
+            raise ValueError(f"image_size must be a multiple of {stride} in [{stride}, {MAX_IMAGE_SIDE}], got {image_size!r}")
+        return image_size
 
 
 # -------------------------------------------------------------------------------------------------- helpers
-def _check_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
-    if tokenizer.eos_token_id is None:
-        raise ValueError("tokenizer: it has no EOS token (Qwen's <|im_end|> is expected)")
-    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    if image_id is None or image_id == tokenizer.unk_token_id:
-        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-
-
-def _stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """EOS (``<|im_end|>``) plus ``<|endoftext|>`` when the vocabulary has it: the original's stop words."""
-    ids = [tokenizer.eos_token_id]
-    end_of_text = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    if isinstance(end_of_text, int) and end_of_text != tokenizer.unk_token_id and end_of_text not in ids:
-        ids.append(end_of_text)
-    return ids
-
-
-def _check_core_weights(folder: Path) -> None:
-    """Strict check of the saved HarmonCore against the shapes its config builds (named keys)."""
-    from safetensors import safe_open
-
-    weights = folder / "diffusion_pytorch_model.safetensors"
-    config_path = folder / "config.json"
-    for path in (config_path, weights):
-        if not path.is_file():
-            raise ValueError(f"{folder.parent} is not a complete Harmon pipeline: {path.relative_to(folder.parent)} is missing")
-    harmon_config = json.loads(config_path.read_text()).get("harmon_config")
-    with torch.device("meta"), saved_weights_follow():
-        core = HarmonCore(harmon_config=harmon_config)
-    with safe_open(str(weights), framework="pt") as handle:
-        shapes = {key: torch.empty(handle.get_slice(key).get_shape(), device="meta") for key in handle.keys()}
-    check_state_dict(core, shapes, str(weights))
-
-
 def _fail_for_unreachable_hub_id(name: str) -> None:
     fail_fast_for_hub_id(
         name, "pipeline",
