@@ -79,6 +79,8 @@ def cmd_generate(args) -> int:
     import torch
     from accelerate import PartialState
 
+    if args.image:
+        return _generate_from_images(args)
     prompts = read_prompts(args.prompt, args.prompts_file)
     state = PartialState()
     pipe = _load_pipeline(argparse.Namespace(**{**vars(args), "device": args.device or str(state.device)}))
@@ -107,6 +109,46 @@ def cmd_generate(args) -> int:
                 if args.grid and args.num_images > 1:
                     make_grid(mine_images, args.grid_columns or args.num_images).save(out / f"{index:05d}_grid.png")
                 print(f"{index:05d}: {prompt}")
+    return 0
+
+
+def _generate_from_images(args) -> int:
+    """``generate --image``: one output set per image, conditioned on its understanding embeddings (RecA's
+    inference side); ``--prompt`` is an instruction after them (one for all images, or one per image)."""
+    import torch
+    from accelerate import PartialState
+
+    images = [Path(path) for path in args.image]
+    for path in images:
+        if not path.is_file():
+            raise SystemExit(f"--image: no such file: {path}")
+    instructions = read_prompts(args.prompt, args.prompts_file) if args.prompt or args.prompts_file else None
+    if instructions is not None and len(instructions) not in (1, len(images)):
+        raise SystemExit(f"--prompt: give one instruction for all images or one per image ({len(images)}), "
+                         f"got {len(instructions)}")
+    if instructions is not None and len(instructions) == 1:
+        instructions = instructions * len(images)
+    state = PartialState()
+    pipe = _load_pipeline(argparse.Namespace(**{**vars(args), "device": args.device or str(state.device)}))
+    pipe.set_progress_bar_config(disable=not state.is_local_main_process)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with state.split_between_processes(list(enumerate(images))) as mine:
+        for index, path in mine:
+            generators = [torch.Generator().manual_seed(args.seed + index * args.num_images + k)
+                          for k in range(args.num_images)]
+            outputs = pipe(
+                image=str(path), prompt=instructions[index] if instructions else None,
+                height=args.height, width=args.width, num_inference_steps=args.steps,
+                guidance_scale=args.guidance_scale, guidance_schedule=args.guidance_schedule,
+                temperature=args.temperature, num_images_per_prompt=args.num_images, generator=generators,
+                sampler=args.sampler, head_steps=args.head_steps,
+            ).images
+            for k, image in enumerate(outputs):
+                image.save(out / f"{index:05d}_{k}.png")
+            if args.grid and args.num_images > 1:
+                make_grid(outputs, args.grid_columns or args.num_images).save(out / f"{index:05d}_grid.png")
+            print(f"{index:05d}: {path}" + (f" + {instructions[index]!r}" if instructions else ""))
     return 0
 
 
@@ -220,10 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harmon", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="text → image")
+    gen = sub.add_parser("generate", help="text → image (or image → image with --image)")
     gen.add_argument("pipeline", help="a HarmonPipeline folder")
     gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     gen.add_argument("--prompts-file", help="JSON list of strings or {\"prompt\": ...}, or one prompt per line")
+    gen.add_argument("--image", action="append",
+                     help="generate from this image's understanding embeddings instead (repeatable; --prompt is then "
+                          "an optional instruction after them)")
     gen.add_argument("--out", default="outputs")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--num-images", type=int, default=1, help="images per prompt")

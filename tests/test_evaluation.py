@@ -413,19 +413,17 @@ def test_lmms_generate_until_answers_like_the_pipeline(adapter, pipe):
 
 
 def test_lmms_loglikelihood_matches_greedy_decoding(adapter, pipe):
-    from harmon.pipelines.image_processing import preprocess_for_understanding
+    from harmon.core import splice_image_embeddings
 
     doc = adapter.task_dict["two_items"]["test"][0]
-    model, tokenizer = pipe.model, pipe.tokenizer
+    processor, tokenizer = pipe.processor, pipe.tokenizer
     # greedy decoding by transformers' generate, with its per-step logits: an independent path
-    pixels = preprocess_for_understanding([doc["image"]], model.understanding_image_size)
-    embeds = model.image_embeddings(pixels)
-    text = model.config.prompt_template.instruction.format(input="<image>" * embeds.shape[1] + "\n" + doc["question"])
-    ids = torch.tensor([tokenizer.encode(text, add_special_tokens=True)])
-    inputs = model.splice_image_embeddings(ids, embeds, tokenizer.convert_tokens_to_ids("<image>"))
-    out = model.llm.generate(inputs_embeds=inputs, attention_mask=torch.ones_like(ids), max_new_tokens=4,
-                             min_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True,
-                             pad_token_id=tokenizer.pad_token_id)
+    embeds = pipe.image_embeddings([doc["image"]])
+    ids, _ = processor.understanding_inputs([doc["question"]], embeds.shape[1])
+    inputs = splice_image_embeddings(pipe.llm, ids, embeds, processor.image_token_id)
+    out = pipe.llm.generate(inputs_embeds=inputs, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                            min_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                            pad_token_id=tokenizer.pad_token_id)
     greedy = out.sequences[0, -4:].tolist()
     expected = sum(float(torch.log_softmax(logits[0].float(), -1)[t]) for logits, t in zip(out.logits, greedy))
     continuation = tokenizer.decode(greedy)

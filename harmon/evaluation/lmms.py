@@ -112,25 +112,21 @@ class HarmonLMM(_LmmsBase):
         return context.replace(IMAGE_TOKEN, "").strip()  # the pipeline places the image itself
 
     def _text_prompt(self, question: str, image) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Token ids of the chat prompt and, with an image, its understanding embeddings spliced in."""
-        from harmon.pipelines.image_processing import preprocess_for_understanding
-
-        model, tokenizer = self.pipe.model, self.pipe.tokenizer
-        instruction = model.config.prompt_template.instruction
+        """Token ids of the chat prompt (the pipeline's processor) and, with an image, its understanding
+        embeddings (``HarmonPipeline.image_embeddings``, as ``understand`` computes them)."""
+        processor = self.pipe.processor
         if image is None:
-            ids = tokenizer.encode(instruction.format(input=question), add_special_tokens=True)
-            return torch.tensor([ids]), None
-        pixels = preprocess_for_understanding([image], model.understanding_image_size)
-        image_embeds = model.image_embeddings(pixels.to(self.device, model.dtype))
-        text = instruction.format(input=IMAGE_TOKEN * image_embeds.shape[1] + "\n" + question)
-        return torch.tensor([tokenizer.encode(text, add_special_tokens=True)]), image_embeds
+            return torch.tensor([processor.user_turn(question)]), None
+        image_embeds = self.pipe.image_embeddings([image])
+        input_ids, _ = processor.understanding_inputs([question], image_embeds.shape[1])
+        return input_ids, image_embeds
 
     def _embeddings(self, ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
-        model = self.pipe.model
+        from harmon.core import embed_text, splice_image_embeddings
+
         if image_embeds is None:
-            return model.embed_text(ids)
-        image_token_id = self.pipe.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        return model.splice_image_embeddings(ids, image_embeds, image_token_id)
+            return embed_text(self.pipe.llm, ids)
+        return splice_image_embeddings(self.pipe.llm, ids, image_embeds, self.pipe.processor.image_token_id)
 
     @torch.no_grad()
     def generate_until(self, requests) -> list[str]:
@@ -162,30 +158,22 @@ class HarmonLMM(_LmmsBase):
     def _answer_text_only(self, question: str, max_new_tokens: int, do_sample: bool, temperature: float) -> str:
         ids, _ = self._text_prompt(question, None)
         ids = ids.to(self.device)
-        sampling = {"temperature": temperature} if do_sample else {}
-        tokenizer = self.pipe.tokenizer
-        new_ids = self.pipe.model.answer(
-            self.pipe.model.embed_text(ids), torch.ones_like(ids), max_new_tokens=max_new_tokens,
-            do_sample=do_sample, eos_token_id=self._stop_ids(),
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-            **sampling,
-        )
-        return tokenizer.batch_decode(new_ids, skip_special_tokens=True)[0]
-
-    def _stop_ids(self) -> list[int]:
-        """The template's stop words that are single tokens of the tokenizer (``<|im_end|>``, ``<|endoftext|>``)."""
-        tokenizer = self.pipe.tokenizer
-        ids = [tokenizer.convert_tokens_to_ids(word) for word in self.pipe.model.config.prompt_template.stop_words]
-        return [i for i in dict.fromkeys(ids) if isinstance(i, int) and i != tokenizer.unk_token_id] or [
-            tokenizer.eos_token_id
-        ]
+        generation_config = self.pipe.processor.generation_config
+        generation_config.update(max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=True)
+        if do_sample:
+            generation_config.update(temperature=temperature)
+        new_ids = self.pipe.llm.generate(inputs_embeds=self._embeddings(ids, None), attention_mask=torch.ones_like(ids),
+                                         generation_config=generation_config)
+        return self.pipe.processor.batch_decode(new_ids, skip_special_tokens=True)[0]
 
     @torch.no_grad()
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         """``(log p(continuation | image, context), whether greedy decoding gives the continuation)``; the
         continuation follows the chat prompt's assistant turn (as an answer would)."""
+        from harmon.core import llm_hidden_states
+
         results = []
-        model, tokenizer = self.pipe.model, self.pipe.tokenizer
+        llm = self.pipe.llm
         for request in requests:
             context, doc_to_target, doc_to_visual, doc_id, task, split = request.args
             doc = self.task_dict[task][split][doc_id] if not isinstance(doc_to_target, str) else None
@@ -194,13 +182,13 @@ class HarmonLMM(_LmmsBase):
                 continuation = continuation[0]
             image = self._visual(doc_to_visual, doc_id, task, split)
             prompt_ids, image_embeds = self._text_prompt(self._question(context), image)
-            target = tokenizer.encode(str(continuation), add_special_tokens=False)
+            target = self.pipe.processor.text_ids(str(continuation))
             if not target:
                 raise ValueError(f"HarmonLMM: task {task!r}, document {doc_id}: the continuation is empty")
             ids = torch.cat([prompt_ids, torch.tensor([target])], dim=1).to(self.device)
-            hidden = model.llm_hidden_states(self._embeddings(ids, image_embeds)).last_hidden_state
+            hidden = llm_hidden_states(llm, self._embeddings(ids, image_embeds)).last_hidden_state
             start = prompt_ids.shape[1]
-            logits = model.llm.get_output_embeddings()(hidden[0, start - 1:-1]).float()
+            logits = llm.get_output_embeddings()(hidden[0, start - 1:-1]).float()
             log_probs = torch.log_softmax(logits, dim=-1)
             targets = torch.tensor(target, device=log_probs.device)
             total = float(log_probs.gather(1, targets[:, None]).sum())
