@@ -44,6 +44,7 @@ import harmon.pipelines.pipeline_harmon as pipeline_module
 from harmon.model import HarmonModel
 from harmon.pipelines import HarmonPipeline
 from harmon.testing import generate_tokens, prompt_rows, tiny_tokenizer
+from harmon.threads import add_threads_argument, apply_threads, load_average
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PHASES = ("prefill", "encoder", "llm", "decoder", "head", "vae", "rest")
@@ -375,6 +376,7 @@ def markdown(report: dict) -> str:
         f"{report['args']['warmup']} warm-up run(s), modes interleaved. Random weights, random prompt ids. "
         "Speed-up = plain time / mode time, same run. Phases from one extra instrumented run "
         "(– : not run, `--no-phases`).",
+        f"{report.get('threads', '?')} torch threads; load average at the start {report.get('load_average_at_start')}.",
         "",
         "| config | size | batch | mode | head steps | tokens s | VAE s | total s | img/s | × plain (tokens) "
         "| × plain (total) | prefill | encoder | LLM | decoder | head | peak MB |",
@@ -425,7 +427,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    add_threads_argument(parser)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--quality", action="store_true", help="measure the fast modes' cost (mid config, 256²)")
@@ -449,8 +451,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     try:
         return run(args)
     finally:
@@ -462,7 +463,7 @@ def run(args: argparse.Namespace) -> dict:
     dtype = getattr(torch, args.dtype)
     report = dict(device=device_description(device), device_type=device.type, torch=torch.__version__,
                   dtype=args.dtype, args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                  cases=[], quality=[])
+                  threads=torch.get_num_threads(), load_average_at_start=load_average(), cases=[], quality=[])
     for name in args.configs:
         model = build_model(name, device, dtype)
         configured = model.head.sample_diffusion.num_timesteps

@@ -28,6 +28,7 @@ import torch
 
 from bench_generate import device_description  # the sibling script (run as python benchmarks/bench_head.py)
 from harmon.heads.diffusion import MLPAdaLNDiffusionHead
+from harmon.threads import add_threads_argument, apply_threads, load_average
 from harmon.randomness import GeneratorRandomSource
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -93,13 +94,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--rows", nargs="+", type=int, default=[8, 64, 224], help="N (CFG rows) per head call")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None)
+    add_threads_argument(parser)
     parser.add_argument("--heads", nargs="+", default=list(HEADS), choices=list(HEADS))
     parser.add_argument("--compile", action="store_true", help="also time the step under torch.compile")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     results = []
     for head_name in args.heads:
         head = build_head(*HEADS[head_name], args.steps)
@@ -132,7 +132,8 @@ def main(argv=None) -> dict:
         r["speedup_vs_plain"] = plain["median_ms"] / r["median_ms"]
     args.out.mkdir(parents=True, exist_ok=True)
     report = dict(device=device_description(torch.device("cpu")), torch=torch.__version__,
-                  threads=torch.get_num_threads(), steps=args.steps, results=results)
+                  threads=torch.get_num_threads(), load_average_at_end=load_average(), steps=args.steps,
+                  results=results)
     (args.out / f"bench_head_cpu_{torch.get_num_threads()}t.json").write_text(json.dumps(report, indent=2))
     return report
 

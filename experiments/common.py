@@ -440,7 +440,10 @@ def harmon_features(model: HarmonModel, name: str, role: str = "understanding", 
     if not isinstance(encoder, component):
         raise SystemExit(f"the Harmon model's {role} encoder is a {type(encoder).__name__}, not a {name!r} "
                          f"({component.__name__}); pass the matching --encoder (or --harmon-encoder)")
-    info = {**(info or {}), "harmon_encoder": role if decoupled is not None else "shared"}
+    # one class serves several registered sizes (mar-b, mar-h, mar-tiny): results name the folder's encoder
+    spec = model.config.understanding_encoder if encoder is decoupled else model.config.encoder
+    name = spec.name
+    info = {**(info or {}), "encoder": name, "harmon_encoder": role if decoupled is not None else "shared"}
     if reads_pixels(encoder):
         return pixel_encoder_features(encoder, name, modules=model, image_size=image_size, info=info)
 

@@ -414,6 +414,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
             features.requires_grad_(True)
         pixels = features.prepare(images.to(device))
         label = features.info["weights"]
+        name = features.info["encoder"]  # a Harmon folder's own encoder (mar-b, mar-h, ...), not the flag
         if "probe" in args.target:
             if probe_path:
                 probe, record = load_probe(probe_path)
@@ -475,8 +476,19 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                             "png": str(paths[c.name])} for c in columns],
                "grid": str(grid_path), "images": len(images), "cell_size": args.cell_size},
               output / "gradcam.json")
+    report(columns, len(images), grid_path, paths, output, smoke=args.smoke)
     return {"grid": grid_path, "pngs": paths, "columns": columns, "num_images": len(images),
             "cell_size": args.cell_size}
+
+
+def report(columns: list[Column], num_images: int, grid_path: Path, paths: dict, output: Path, smoke: bool) -> None:
+    """Say what the run explained and where it wrote it (stdout)."""
+    untrained = smoke and all(str(c.weights).startswith("random") for c in columns)
+    print(f"Grad-CAM++ of {num_images} images, {len(columns)} column(s)"
+          + (" (--smoke, random weights: the maps show the mechanics, not a trained encoder)" if untrained else ""))
+    for column in columns:
+        print(f"  {column.name}: {column.target}; encoder weights {column.weights} -> {paths[column.name]}")
+    print(f"  all columns: {grid_path}; maps: {output / 'cams.npz'}; record: {output / 'gradcam.json'}")
 
 
 if __name__ == "__main__":

@@ -163,9 +163,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     train_split, val_split = load_splits(args, features.image_size)
     dataset_name = args.dataset or f"{Path(args.train_dir).name}+{Path(args.val_dir).name}"
     weights_label = features.info["weights"]
-    run_name = args.run_name or slug(f"{args.encoder}__{Path(str(weights_label)).name}__{dataset_name}")
+    encoder_name = features.info["encoder"]  # a Harmon folder's own encoder (mar-b, mar-h, ...), not the flag
+    if encoder_name != args.encoder:
+        print(f"--encoder {args.encoder}: {args.weights} holds a {encoder_name} encoder; results name {encoder_name}",
+              file=sys.stderr)
+    run_name = args.run_name or slug(f"{encoder_name}__{Path(str(weights_label)).name}__{dataset_name}")
 
-    spec = dict(encoder=args.encoder, weights=args.weights, harmon_encoder=args.harmon_encoder, vae=args.vae,
+    spec = dict(encoder=encoder_name, weights=args.weights, harmon_encoder=args.harmon_encoder, vae=args.vae,
                 vae_scale=args.vae_scale,
                 overrides=overrides, smoke=args.smoke, image_size=features.image_size, pool=features.pool_mode,
                 dtype=args.dtype, dataset=args.dataset, train_dir=args.train_dir, val_dir=args.val_dir,
@@ -176,8 +180,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     def compute() -> dict[str, Any]:
         timer = Timer()
         kwargs = dict(batch_size=args.batch_size, workers=args.workers, progress=progress)
-        train_x, train_y = extract_pooled_features(features, train_split, desc=f"{args.encoder} train", **kwargs)
-        val_x, val_y = extract_pooled_features(features, val_split, desc=f"{args.encoder} val", **kwargs)
+        train_x, train_y = extract_pooled_features(features, train_split, desc=f"{encoder_name} train", **kwargs)
+        val_x, val_y = extract_pooled_features(features, val_split, desc=f"{encoder_name} val", **kwargs)
         return {"train_x": train_x, "train_y": train_y, "val_x": val_x, "val_y": val_y,
                 "seconds": timer.seconds, "spec": json.dumps(spec, default=str)}
 
@@ -200,12 +204,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         if args.save_probes:
             path = output / "probes" / f"{run_name}__lr{base_lr:g}_ep{epochs}_seed{seed}.pt"
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(probe_checkpoint(result, encoder=args.encoder, weights=str(args.weights or "random"),
+            torch.save(probe_checkpoint(result, encoder=encoder_name, weights=str(args.weights or "random"),
                                         classes=list(train_split.classes), pool="mean", dataset=dataset_name),
                        path)
             probe_path = str(path)
         rows.append(dict(
-            encoder=args.encoder, weights=weights_label, dataset=dataset_name, pool="mean",
+            encoder=encoder_name, weights=weights_label, dataset=dataset_name, pool="mean",
             feature_dim=store["train_x"].shape[1], n_train=len(store["train_x"]), n_val=len(store["val_x"]),
             num_classes=num_classes, optimizer=args.optimizer, base_lr=base_lr, lr=result.lr,
             batch_size=min(args.probe_batch_size, len(store["train_x"])), epochs=epochs,
@@ -215,7 +219,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
             probe_path=probe_path,
         ))
         if progress:
-            print(f"{args.encoder} base_lr={base_lr:g} epochs={epochs} seed={seed}: "
+            print(f"{encoder_name} base_lr={base_lr:g} epochs={epochs} seed={seed}: "
                   f"top1={result.top1:.4f} top5={result.top5:.4f}", file=sys.stderr)
 
     run_csv = write_csv(rows, output / "runs" / f"{run_name}.csv", COLUMNS)

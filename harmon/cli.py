@@ -9,11 +9,37 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
+from harmon.threads import add_threads_argument, apply_threads
+
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
+
+
+PYTHON_TO_CLI = {
+    "generate": {
+        "num_inference_steps": "--steps", "num_steps": "--steps", "guidance_scale": "--guidance-scale",
+        "guidance_schedule": "--guidance-schedule", "num_images_per_prompt": "--num-images",
+        "head_steps": "--head-steps", "sampler": "--sampler", "temperature": "--temperature",
+        "height": "--height", "width": "--width", "prompt": "--prompt",
+    },
+    "describe": {
+        "max_new_tokens": "--max-new-tokens", "question": "--question", "image": "--image",
+        "image_size": "--image-size", "temperature": "--temperature",
+    },
+}
+"""The Python arguments that the CLI's flags feed: an error raised by the pipeline names the flag instead."""
+
+
+def name_cli_flags(message: str, command: str) -> str:
+    """``"num_inference_steps must be ..."`` → ``"--steps must be ..."`` (``sampler='fast'`` → ``--sampler fast``)."""
+    for name, flag in PYTHON_TO_CLI.get(command, {}).items():
+        message = re.sub(rf"(?<![\w.-]){name}(?:=(['\"]?)([\w-]+)\1|\b)",
+                         lambda m, flag=flag: f"{flag} {m.group(2)}" if m.group(2) else flag, message)
+    return message
 
 
 def _torch_dtype(name: str | None):
@@ -323,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--dtype", choices=sorted(DTYPES), help="default: as saved (float32 on CPU)")
     for command in (gen, desc):
         command.add_argument("--device", help="default: cuda when available, else cpu")
+    for command in (gen, desc, conv, info, sub.choices["demo"]):
+        add_threads_argument(command)
     return parser
 
 
@@ -331,10 +359,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:  # its own parser (argparse's REMAINDER would refuse a leading option such as -h)
         return cmd_bench(argparse.Namespace(bench_args=argv[1:]))
     args = build_parser().parse_args(argv)
+    apply_threads(getattr(args, "threads", None))
     try:
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError, OSError, KeyError) as error:
-        print(f"harmon {args.command}: error: {error}", file=sys.stderr)
+        print(f"harmon {args.command}: error: {name_cli_flags(str(error), args.command)}", file=sys.stderr)
         return 2
 
 

@@ -1,10 +1,13 @@
 """Train Harmon from a stage recipe.
 
     accelerate launch -m harmon.train --config experiments/configs/stage1_harmon-0.5b.yaml
-    python -m harmon.train --config experiments/configs/smoke.yaml -o data.root=/tmp/shapes
+    python -m harmon.train --config experiments/configs/smoke.yaml --threads 1    # writes data/shapes first
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m harmon.train --config …   # 2 CPU processes
     accelerate launch -m harmon.train --config … --resume            # continue from the newest checkpoint
 
-The recipe is validated before anything is built: a bad field fails with its name (exit status 2).
+The recipe is validated before anything is built: a bad field fails with its name (exit status 2), and so do
+a fresh run into an ``output_dir`` that holds one (``--resume`` / ``--overwrite``) and a multi-process launch whose
+processes would not train together.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+from harmon.threads import add_threads_argument, apply_threads
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,8 +33,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--stop-after", type=int, default=None, metavar="STEP",
                         help="checkpoint and stop after this optimizer step (resume later with --resume)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in an output_dir that holds an earlier run, deleting its checkpoints, "
+                        "metrics, logs and export (without it such a run is refused)")
     parser.add_argument("--check", action="store_true", help="validate the recipe and its files, then exit")
-    return parser.parse_args(argv)
+    add_threads_argument(parser)
+    args = parser.parse_args(argv)
+    if args.overwrite and args.resume is not None:
+        parser.error("--overwrite starts a fresh run and --resume continues one: give one of them")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,15 +62,20 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     from harmon.training.checkpointing import CheckpointError
+    from harmon.training.guards import LaunchError, OutputDirError
     from harmon.training.trainer import train
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    apply_threads(args.threads)
 
     try:
-        result = train(config, resume=args.resume, stop_after=args.stop_after)
+        result = train(config, resume=args.resume, stop_after=args.stop_after, overwrite=args.overwrite)
     except CheckpointError as error:
         print(f"cannot resume: {error}", file=sys.stderr)
         return 3
+    except (OutputDirError, LaunchError) as error:
+        print(f"python -m harmon.train: error: {error}", file=sys.stderr)
+        return 2
     if result.stopped_early:
         print(f"stopped at step {result.step}; checkpoint {result.checkpoint}")
     else:

@@ -367,3 +367,16 @@ def test_runs_as_a_script_path():
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert all(name in done.stdout for name in STUDIES)
+
+
+def test_smoke_runs_keep_only_the_export_model(runs):
+    """A finished smoke stage run keeps export/harmon_model (and export_info.json); checkpoints and the export's
+    pipeline copy are deleted, so a smoke study leaves megabytes, not gigabytes."""
+    result = runs("unified")
+    for plan in result.plans:
+        for run in plan.runs:
+            assert not (run.output_dir / "checkpoints").exists(), run.output_dir
+            assert sorted(p.name for p in (run.output_dir / "export").iterdir()) == sorted(runner.SMOKE_KEEPS)
+    total = sum(f.stat().st_size for f in (result.out / "runs").rglob("*") if f.is_file())
+    per_run = total / len({run.key for plan in result.plans for run in plan.runs})
+    assert per_run < 25 * 2**20, f"{per_run / 2**20:.1f} MiB per smoke run"  # the tiny model's weights: ~18 MiB

@@ -52,7 +52,7 @@ def test_generate_with_the_fast_sampler_and_a_bad_head_steps(pipeline_dir, tmp_p
     assert (tmp_path / "fast" / "00000_0.png").exists()
     assert main(["generate", str(pipeline_dir), "--prompt", "a cat", "--steps", "2", "--head-steps", "3",
                  "--out", str(tmp_path / "bad")]) == 2
-    assert "head_steps applies to sampler='fast' only" in capsys.readouterr().err
+    assert "--head-steps applies to --sampler fast only" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
 
 

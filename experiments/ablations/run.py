@@ -10,7 +10,9 @@
 Each variant is a chain of stage runs (see :mod:`experiments.ablations.config`); each run trains with
 ``harmon.training.trainer.Trainer`` and the :class:`~experiments.ablations.evaluation.Evaluator` callback, under
 ``OUT/runs/<stage>-<key>/`` (the trainer's checkpoints, export and ``eval.jsonl``). Finished runs are reused (same
-key) and an interrupted one resumes from its newest checkpoint; ``--fresh`` starts over. Then it writes::
+key) and an interrupted one resumes from its newest checkpoint; ``--fresh`` starts over. ``--smoke`` keeps of a
+finished stage run only ``export/harmon_model`` (the next stage's start, and what reuse checks): its checkpoints and
+the export's pipeline copy are deleted, so smoke studies leave small results. Then it writes::
 
     OUT/<variant>.csv        evaluation rows over the chain's optimizer steps (+ mean training losses between them)
     OUT/table.md             the paper's table layout, last evaluation of each variant
@@ -101,6 +103,26 @@ def prepare_synthetic(study: Study, out: Path) -> tuple[Path, Path]:
                 write_shapes_dataset(root, count=count, size=spec.size, seed=seed)
     _wait()
     return train, heldout
+
+
+SMOKE_KEEPS = ("harmon_model", "export_info.json")
+"""What a finished smoke run keeps of its ``export/``: the next stage starts from ``harmon_model`` and reuse checks
+it; the pipeline copy beside it (the same weights again) and the run's ``checkpoints/`` are deleted."""
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def prune_smoke_run(output_dir: Path) -> int:
+    """Delete a finished smoke run's checkpoints and its export's pipeline copy; return the bytes freed."""
+    before = _size(output_dir)
+    shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
+    export = output_dir / "export"
+    for entry in export.iterdir() if export.is_dir() else ():
+        if entry.name not in SMOKE_KEEPS:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    return before - _size(output_dir)
 
 
 def run_stage(run: StageRun, evaluation, heldout: HeldOutData, *, log: Callable[[str], None]) -> dict[str, Any]:
@@ -211,6 +233,11 @@ def run_study(
             for run in plan.runs:
                 if run.key not in result.runs:
                     result.runs[run.key] = {**run_stage(run, evaluation, heldout, log=log), "variant": plan.name}
+                    if smoke and _main_process() and not result.runs[run.key]["reused"]:
+                        freed = prune_smoke_run(run.output_dir)
+                        log(f"  {run.stage}: smoke run, deleted its checkpoints and export pipeline copy "
+                            f"({freed / 2**20:.0f} MiB; export/harmon_model kept)")
+                    _wait()
                 elif not result.runs[run.key].get("reused"):
                     log(f"  {run.stage}: shared with an earlier variant ({run.output_dir.name})")
         for plan in plans:

@@ -182,8 +182,20 @@ class TaskRatios(_Strict):
 Source = Annotated[CaptionSource | LlavaSource | TextSource | ImageFolderSource, Field(discriminator="format")]
 
 
+class SyntheticShapes(_Strict):
+    """Build :mod:`harmon.training.synthetic`'s shapes data at ``data.root`` when it is absent (the smoke recipe:
+    a fresh clone trains without a separate data step). Written by the trainer, never by ``--check``."""
+
+    count: PositiveInt = 48
+    size: PositiveInt = 64
+    seed: int = 0
+
+
 class DataConfig(_Strict):
     root: Path | None = Field(None, description="relative source paths are resolved against this folder")
+    synthetic: SyntheticShapes | None = Field(
+        None, description="write the synthetic shapes set at `root` when it is absent (needs `root`)"
+    )
     image_size: PositiveInt = 256
     max_length: PositiveInt = Field(1024, description="tokens per understanding / text sample (image included)")
     max_prompt_length: PositiveInt = Field(128, description="tokens of a text-to-image prompt")
@@ -213,7 +225,9 @@ class DataConfig(_Strict):
                     )
             if ratios[task] > 0 and not sources:
                 raise ValueError(f"data.ratios.{task} is {ratios[task]} but data.{task} lists no source")
-        if _check_files(info):
+        if self.synthetic is not None and self.root is None:
+            raise ValueError("data.synthetic: needs data.root (the folder the shapes set is written to)")
+        if _check_files(info) and not self.synthetic_pending():
             for task in TASKS:
                 for i, source in enumerate(getattr(self, task)):
                     if ratios[task] == 0:
@@ -233,6 +247,12 @@ class DataConfig(_Strict):
                                 f"data.{task}[{i}].{folder_field}: folder not found: {self.resolve(folder)}"
                             )
         return self
+
+    def synthetic_pending(self) -> bool:
+        """Whether ``synthetic`` data is configured and not yet written at ``root`` (the trainer writes it)."""
+        from harmon.training.synthetic import shapes_dataset_complete
+
+        return self.synthetic is not None and not shapes_dataset_complete(os.path.expanduser(self.root))
 
     def resolve(self, path: Path) -> Path:
         path = Path(os.path.expanduser(path))

@@ -76,6 +76,22 @@ def write_shapes_dataset(root: str | Path, count: int = 48, size: int = 64, seed
     return root
 
 
+INDEX_FILES = ("data_info.json", "llava.json", "text.jsonl")
+"""Written last by :func:`write_shapes_dataset`: their presence marks a complete data set."""
+
+
+def shapes_dataset_complete(root: str | Path) -> bool:
+    return all((Path(root) / name).is_file() for name in INDEX_FILES)
+
+
+def ensure_shapes_dataset(root: str | Path, count: int = 48, size: int = 64, seed: int = 0) -> bool:
+    """Write the shapes data set at ``root`` unless it is complete there; return whether it was written."""
+    if shapes_dataset_complete(root):
+        return False
+    write_shapes_dataset(root, count=count, size=size, seed=seed)
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path)

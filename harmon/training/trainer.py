@@ -52,6 +52,8 @@ from harmon.training.collator import HarmonCollator
 from harmon.training.config import TASKS, TrainConfig, dump_config
 from harmon.training.data import MultiTaskDataset
 from harmon.training.export import export_model
+from harmon.training.guards import check_launch, check_output_dir, clear_previous_run
+from harmon.training.messages import explain_shared_tensors
 from harmon.training.modules import (
     HarmonTrainingModule,
     apply_freezing,
@@ -63,6 +65,7 @@ from harmon.training.modules import (
     understanding_tokens,
 )
 from harmon.training.sampler import MultiTaskBatchSampler, TaskSchedule
+from harmon.training.synthetic import ensure_shapes_dataset
 
 logger = get_logger(__name__)
 
@@ -118,6 +121,8 @@ class Trainer:
     record (``record["step"]`` is the step just taken), before that step's checkpoint — e.g. a periodic
     evaluation. A callback that uses the model must leave it in training mode and must not draw from the global
     random streams (wrap such code in ``torch.random.fork_rng``), so that the run stays what it would be without it.
+    A fresh run (``resume=None``) into an ``output_dir`` holding an earlier run is refused
+    (:class:`~harmon.training.guards.OutputDirError`) unless ``overwrite``, which deletes that run's artefacts.
     """
 
     def __init__(
@@ -127,6 +132,7 @@ class Trainer:
         resume: str | Path | None = None,
         stop_after: int | None = None,
         callbacks: Sequence[Callable[["Trainer", dict[str, Any]], None]] = (),
+        overwrite: bool = False,
     ):
         self.config = config
         self.stop_after = stop_after
@@ -145,6 +151,8 @@ class Trainer:
             step_scheduler_with_optimizer=False,
         )
         accelerator = self.accelerator
+        check_launch(accelerator.num_processes)
+        stale_run = check_output_dir(self.output_dir, resume=resume, overwrite=overwrite)
         world = accelerator.num_processes
         per_step = training.micro_batch_size * world
         if training.global_batch_size % per_step:
@@ -184,6 +192,11 @@ class Trainer:
         )
         self.scheduler = self._schedule(self.optimizer)
 
+        synthetic = config.data.synthetic
+        if synthetic is not None and accelerator.is_main_process:
+            if ensure_shapes_dataset(config.data.root, count=synthetic.count, size=synthetic.size, seed=synthetic.seed):
+                logger.info(f"wrote the synthetic shapes data to {config.data.root}", main_process_only=True)
+        accelerator.wait_for_everyone()
         self.dataset = MultiTaskDataset(config.data)
         self.schedule = TaskSchedule(config.data.ratios.as_dict(), config.seed)
         self.collator = HarmonCollator(
@@ -201,9 +214,15 @@ class Trainer:
             reconstruction_instruction=config.data.reconstruction_instruction,
         )
         self.module, self.optimizer, self.scheduler = accelerator.prepare(self.module, self.optimizer, self.scheduler)
+        explain_shared_tensors(accelerator.unwrap_model(self.module), logger)
         self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", training.keep_last)
         self.step = 0
         self.micro_step = 0
+        if stale_run:  # --overwrite: everything is built, only now is the earlier run deleted
+            if accelerator.is_main_process:
+                clear_previous_run(self.output_dir)
+                logger.info(f"--overwrite: deleted {', '.join(stale_run)} in {self.output_dir}", main_process_only=True)
+            accelerator.wait_for_everyone()
         self.resumed_from = self._load(resume)
 
     # -------------------------------------------------------------------------------------------------- setup
@@ -477,9 +496,10 @@ def train(
     resume: str | Path | None = None,
     stop_after: int | None = None,
     callbacks: Sequence[Callable[[Trainer, dict[str, Any]], None]] = (),
+    overwrite: bool = False,
 ) -> TrainResult:
     """Build a :class:`Trainer` for ``config`` and run it."""
-    return Trainer(config, resume=resume, stop_after=stop_after, callbacks=callbacks).train()
+    return Trainer(config, resume=resume, stop_after=stop_after, callbacks=callbacks, overwrite=overwrite).train()
 
 
 __all__ = ["Trainer", "TrainResult", "train", "resolve_mixed_precision", "resolve_trackers"]
