@@ -1,8 +1,9 @@
 """Toy GenEval before and after RecA post-training of harmon-toy, over several seeds (issue 17).
 
     python experiments/toy_reca.py --out runs/toy_reca --seeds 0 1 2 [--steps 300] [--count 40] [--control]
+        [--pipeline harmon-toy] [--mar-steps 64]
 
-1. the shipped ``harmon-toy`` pipeline is written as a model folder (``OUT/init``) and its training data
+1. the shipped ``harmon-toy`` pipeline (or ``--pipeline FOLDER``, a trained harmon-toy) is written as a model folder (``OUT/init``) and its training data
    (``harmon.toy.data.write_dataset``: caption layout + LLaVA) under ``OUT/data``;
 2. for each seed ``s``: toy GenEval (``harmon.toy.eval.geneval``, prompt set and sampling seeded by ``s``) and the
    toy understanding benchmark of the shipped model; RecA post-training with
@@ -31,11 +32,11 @@ from harmon.training.trainer import train
 RECIPE = Path(__file__).resolve().parent / "configs" / "reca_harmon-toy.yaml"
 
 
-def measure(pipe, seed: int, count: int, questions: int) -> dict:
+def measure(pipe, seed: int, count: int, questions: int, mar_steps: int) -> dict:
     from harmon.toy.eval import geneval, understanding
 
     started = time.perf_counter()
-    scores = dict(geneval(pipe, count, seed=seed).scores)
+    scores = dict(geneval(pipe, count, seed=seed, num_inference_steps=mar_steps).scores)
     scores["understanding"] = understanding(pipe, questions, seed=seed).scores["overall"]
     scores["seconds"] = time.perf_counter() - started
     return scores
@@ -62,13 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-images", type=int, default=4000, help="training canvases (the toy's own 4000)")
     parser.add_argument("--control", action="store_true", help="also post-train on the toy's stage-III mix")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--pipeline", default="harmon-toy", help="the model before post-training (a pipeline folder)")
+    parser.add_argument("--mar-steps", type=int, default=64, help="MAR steps of the toy GenEval samples (its 64)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from harmon.toy.data import write_dataset
     from harmon.toy.train import RECIPES
 
     out = args.out
-    base = HarmonPipeline.from_pretrained("harmon-toy")
+    base = HarmonPipeline.from_pretrained(args.pipeline)
     init = out / "init"
     base.model.save_pretrained(init)
     base.tokenizer.save_pretrained(str(init))
@@ -80,14 +83,14 @@ def main(argv: list[str] | None = None) -> int:
         arms["control"] = (RECIPES / "stage3.yaml", [f"learning_rates={json.dumps(rate)}"])
     results: dict = {"settings": vars(args) | {"out": str(out)}, "before": [], **{arm: [] for arm in arms}}
     for seed in args.seeds:
-        results["before"].append({"seed": seed, **measure(base, seed, args.count, args.questions)})
+        results["before"].append({"seed": seed, **measure(base, seed, args.count, args.questions, args.mar_steps)})
         for arm, (recipe, extra) in arms.items():
             started = time.perf_counter()
             export = post_train(recipe, out / f"{arm}-seed{seed}", init, data, seed, args.steps, extra)
             seconds = time.perf_counter() - started
             pipe = HarmonPipeline.from_pretrained(export)
-            results[arm].append({"seed": seed, "train_seconds": seconds, **measure(pipe, seed, args.count,
-                                                                                   args.questions)})
+            results[arm].append({"seed": seed, "train_seconds": seconds,
+                                 **measure(pipe, seed, args.count, args.questions, args.mar_steps)})
         (out / "results.json").write_text(json.dumps(results, indent=1))
     keys = [k for k in results["before"][0] if k not in ("seed", "seconds")]
     print(f"| model | {' | '.join(keys)} |")
