@@ -262,15 +262,21 @@ def test_reca_toy_recipe_carries_the_reca_mix():
     assert config.model.pretrained is not None and len({config.module_lr(n) for n in config.trainable_modules}) == 1
 
 
-def test_reconstruction_task_trains(shapes, tmp_path, fresh_accelerate_state):
+@pytest.mark.parametrize("understanding", [None, "siglip-tiny"])
+def test_reconstruction_task_trains(shapes, tmp_path, fresh_accelerate_state, understanding):
     from harmon.training.trainer import Trainer
 
     reset_accelerate_state()
-    trainer = Trainer(load_config(data=recon_recipe(shapes, tmp_path / "run")))
-    before = {k: v.clone() for k, v in trainer.model.encoder.state_dict().items()}
+    recipe = recon_recipe(shapes, tmp_path / "run")
+    if understanding is not None:  # decoupled: the loss conditions on the understanding encoder's embeddings
+        recipe["model"]["config_overrides"] = {"understanding_encoder": {"name": understanding,
+                                                                         "config": {"image_size": 32}}}
+    trainer = Trainer(load_config(data=recipe))
+    encoder = trainer.model.encoder if understanding is None else trainer.model.understanding_encoder
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
     result = trainer.train()
     losses = [r["loss/reconstruction"] for r in result.history if "loss/reconstruction" in r]
     assert result.step == 3 and losses and all(torch.isfinite(torch.tensor(losses)))
     assert any("loss/image_to_text" in r for r in result.history)
-    after = trainer.model.encoder.state_dict()
+    after = encoder.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
