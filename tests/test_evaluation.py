@@ -488,6 +488,36 @@ def test_harmon_bench_cli_writes_geneval_and_computes_fid_errors(pipe, geneval_m
     assert "--inception-weights" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU launch; with CUDA --multi_gpu uses the GPUs")
+def test_geneval_under_a_two_process_accelerate_launch_writes_what_one_process_writes(
+    pipe, geneval_metadata, tmp_path
+):
+    import os
+    import subprocess
+    import sys
+
+    folder = tmp_path / "pipe"
+    pipe.save_pretrained(str(folder))
+    single, launched = tmp_path / "single", tmp_path / "launched"
+    sampling = ["--steps", "2", "--n-samples", "2"]
+    write_geneval(geneval_metadata, single, pipeline_sampler(pipe, num_inference_steps=2), n_samples=2,
+                  process_index=0, num_processes=1)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+         "-m", "harmon.evaluation.cli", "geneval", str(geneval_metadata), str(folder), "--outdir", str(launched),
+         *sampling],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["written"] for r in reports) == [1, 2]  # process 0: prompts 0 and 2, process 1: prompt 1
+    assert files_under(launched) == files_under(single)
+    for name in files_under(single):
+        assert (single / name).read_bytes() == (launched / name).read_bytes(), name
+
+
 HARNESS_TASK = """task: harmon_two_items
 dataset_path: json
 dataset_kwargs:

@@ -13,12 +13,11 @@ import sys
 
 def _pipeline_and_sampler(args):
     import torch
-    from accelerate import PartialState
 
-    from harmon.evaluation.common import pipeline_sampler
+    from harmon.evaluation.common import launch_state, pipeline_sampler
     from harmon.pipelines import HarmonPipeline
 
-    state = PartialState()
+    state = launch_state()
     dtype = getattr(torch, args.dtype) if args.dtype else None
     pipe = HarmonPipeline.from_pretrained(args.pipeline, dtype=dtype).to(args.device or state.device)
     pipe.set_progress_bar_config(disable=True)

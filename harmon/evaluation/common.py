@@ -46,13 +46,20 @@ class GenerationReport:
     total: int = 0
 
 
+def launch_state():
+    """accelerate's ``PartialState`` of this process. ``ACCELERATE_USE_CPU=1`` (the CPU form of ``accelerate launch
+    --multi_gpu``) is honoured as ``AcceleratorState`` honours it: ``PartialState`` alone reads only its argument."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
 def process_share(items: Sequence[T], process_index: int | None = None, num_processes: int | None = None) -> list[T]:
     """This process's items: every ``num_processes``-th from ``process_index`` (default: accelerate's
     ``PartialState`` of an ``accelerate launch``; one process otherwise)."""
     if process_index is None or num_processes is None:
-        from accelerate import PartialState
-
-        state = PartialState()
+        state = launch_state()
         process_index, num_processes = state.process_index, state.num_processes
     if not 0 <= process_index < num_processes:
         raise ValueError(f"process_index {process_index} is not in a world of {num_processes} processes")
