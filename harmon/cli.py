@@ -13,7 +13,7 @@ import re
 import sys
 from pathlib import Path
 
-from harmon.threads import add_threads_argument, apply_threads
+from harmon.threads import add_threads_argument, apply_threads, positive_int
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
@@ -279,8 +279,8 @@ def _add_demo_parser(sub) -> None:
     web.add_argument("--device", help="default: cuda when available, else cpu")
     web.add_argument("--dtype", choices=sorted(DTYPES), help="default: as saved (float32 on CPU)")
     web.add_argument("--cpu-offload", action="store_true", help="keep components on the CPU between phases")
-    web.add_argument("--max-images", type=int, default=4, help="images per Generate request, at most")
-    web.add_argument("--max-queue", type=int, default=16, help="requests waiting, at most")
+    web.add_argument("--max-images", type=positive_int, default=4, help="images per Generate request, at most")
+    web.add_argument("--max-queue", type=positive_int, default=16, help="requests waiting, at most")
     web.set_defaults(func=cmd_demo)
 
 

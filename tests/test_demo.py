@@ -351,7 +351,7 @@ def test_build_demo_rejects_a_bad_bound_naming_it(name):
         build_demo(HarmonPipeline.from_model(tiny_model(), tiny_tokenizer()), **{name: 0})
 
 
-def test_cli_demo_verb_passes_its_options_to_launch(monkeypatch):
+def test_cli_demo_verb_passes_its_options_to_launch(monkeypatch, capsys):
     calls = []
     monkeypatch.setattr("harmon.demo.launch", lambda pipeline, **options: calls.append((pipeline, options)))
     assert cli.main(["demo"]) == 0
@@ -363,6 +363,9 @@ def test_cli_demo_verb_passes_its_options_to_launch(monkeypatch):
     assert folder == "my-folder"
     assert options == {"host": "0.0.0.0", "port": 8000, "share": True, "device": "cuda", "dtype": torch.bfloat16,
                        "cpu_offload": True, "max_images": 2, "max_queue": 5}
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--max-images", "0"])
+    assert "--max-images: must be at least 1" in capsys.readouterr().err
 
 
 def test_without_gradio_the_cli_says_which_extra_to_install(monkeypatch, pipe_folder):

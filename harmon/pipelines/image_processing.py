@@ -15,6 +15,7 @@ from typing import Union
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 from diffusers.image_processor import VaeImageProcessor
 
@@ -43,7 +44,8 @@ def load_image(image: ImageInput, argument: str = "image") -> PIL.Image.Image:
         raise TypeError(f"{argument} must be a path, a PIL image, a numpy array or a tensor, got {type(image).__name__}")
     if image.width == 0 or image.height == 0:
         raise ValueError(f"{argument}: the image is empty ({image.width}×{image.height})")
-    return to_rgb(image)
+    # the orientation a camera records in EXIF, applied as every viewer does (a no-op without the tag)
+    return to_rgb(PIL.ImageOps.exif_transpose(image))
 
 
 def _array_to_pil(array: np.ndarray, argument: str, channels_first: bool) -> PIL.Image.Image:

@@ -33,6 +33,9 @@ from harmon.schedulers import ADMScheduler
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 MAX_IMAGE_SIDE = 4096
 DEFAULT_MAR_STEPS = 64
+# the module a saved folder carries so that diffusers' generic loader resolves the class (see save_pretrained)
+PIPELINE_MODULE = "harmon_pipeline"
+PIPELINE_MODULE_SOURCE = "from harmon.pipelines.pipeline_harmon import HarmonPipeline  # noqa: F401\n"
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -160,6 +163,11 @@ class HarmonPipeline(DiffusionPipeline):
             class_name = class_name[-1]
         if class_name != cls.__name__:
             raise ValueError(f"{path} holds a {class_name!r} pipeline, not a {cls.__name__}")
+        stub = path / f"{PIPELINE_MODULE}.py"
+        if stub.is_file():
+            if stub.read_text() != PIPELINE_MODULE_SOURCE:
+                raise ValueError(f"{stub} is not the file HarmonPipeline.save_pretrained writes; refusing to run it")
+            kwargs.setdefault("trust_remote_code", True)  # the one-line re-export checked above, nothing else
         attn_implementation = kwargs.pop("attn_implementation", None)
         if "torch_dtype" in kwargs:  # diffusers' older spelling
             kwargs["dtype"] = kwargs.pop("torch_dtype")
@@ -168,6 +176,22 @@ class HarmonPipeline(DiffusionPipeline):
         if attn_implementation is not None:
             pipe.set_attn_implementation(attn_implementation)
         return pipe
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """diffusers' ``save_pretrained`` (``safe_serialization``, ``variant``, ``max_shard_size`` all apply to
+        every component), plus what lets diffusers' generic loader find this class: ``model_index.json`` names it
+        in diffusers' custom-pipeline form ``["harmon_pipeline", "HarmonPipeline"]`` and the folder gets that
+        one-line module (``from harmon.pipelines.pipeline_harmon import HarmonPipeline``), so
+        ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` returns a :class:`HarmonPipeline`
+        (diffusers asks ``trust_remote_code`` for any code file in a folder; ``HarmonPipeline.from_pretrained``
+        checks the file is exactly that line and needs no flag)."""
+        super().save_pretrained(save_directory, **kwargs)
+        folder = Path(save_directory)
+        (folder / f"{PIPELINE_MODULE}.py").write_text(PIPELINE_MODULE_SOURCE)
+        index_path = folder / "model_index.json"
+        index = json.loads(index_path.read_text())
+        index["_class_name"] = [PIPELINE_MODULE, type(self).__name__]
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
     # ------------------------------------------------------------------------------------------ offloading
     def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None) -> None:
@@ -180,6 +204,27 @@ class HarmonPipeline(DiffusionPipeline):
         hook = getattr(self.harmon, "_hf_hook", None)
         if hook is not None and hasattr(hook, "prev_module_hook"):
             hook.prev_module_hook = None
+
+    def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None) -> None:
+        """diffusers' sequential offload (every leaf module's weights on the meta device until it runs; raises
+        without an accelerator unless ``device`` is given). The fused head sampler reads the weights at call time
+        through accelerate's ``align_module_device``, so it works under it too.
+
+        On a CPU ``device`` diffusers sets the hooks' execution device to ``cpu:0``, on which accelerate's hooks fail
+        (``set_module_tensor_to_device`` no longer recognises the tensors as already placed); the hooks are pointed
+        at plain ``cpu`` instead, which is the same device."""
+        super().enable_sequential_cpu_offload(gpu_id=gpu_id, device=device)
+        if self._offload_device.type == "cpu":
+            from accelerate.hooks import AlignDevicesHook
+
+            cpu = torch.device("cpu")
+            self._offload_device = cpu
+            for component in self.components.values():
+                if isinstance(component, torch.nn.Module):
+                    for module in component.modules():
+                        hook = getattr(module, "_hf_hook", None)
+                        if isinstance(hook, AlignDevicesHook):
+                            hook.execution_device = cpu
 
     def set_attn_implementation(self, attn_implementation: str) -> None:
         """``sdpa`` | ``eager`` | ``flash_attention_2`` | ``auto`` (flash-attn 2 on CUDA when installed)."""
