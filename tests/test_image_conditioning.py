@@ -165,3 +165,16 @@ def test_cli_generate_from_images(pipe, tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"--prompt: give one instruction for all images or one per image \(2\)"):
         main(["generate", str(folder), "--image", str(paths[0]), "--image", str(paths[1]), "--prompt", "a",
               "--prompt", "b", "--prompt", "c", "--out", str(out)])
+
+
+@pytest.mark.parametrize("mode", ["model", "sequential"])
+def test_image_generation_under_cpu_offload_gives_the_images_of_no_offload(pipe, mode):
+    image = picture(6)
+    expected = pipe(image=image, prompt="Keep it.", num_inference_steps=STEPS, generator=seeded(0),
+                    output_type="pt").images
+    offloaded = HarmonPipeline.from_model(tiny_model(seed=3), tiny_tokenizer())  # the same weights, its own modules
+    offloaded.set_progress_bar_config(disable=True)
+    getattr(offloaded, f"enable_{mode}_cpu_offload")(device="cpu")
+    out = offloaded(image=image, prompt="Keep it.", num_inference_steps=STEPS, generator=seeded(0),
+                    output_type="pt").images
+    assert torch.equal(out, expected)
