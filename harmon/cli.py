@@ -1,4 +1,4 @@
-"""``harmon`` command line: ``generate``, ``describe``, ``convert``, ``info``, ``demo``.
+"""``harmon`` command line: ``generate``, ``describe``, ``convert``, ``info``, ``demo``, ``bench``.
 
 Thin wrappers over :class:`~harmon.pipelines.HarmonPipeline`. ``generate`` splits its prompts across processes
 when started with ``accelerate launch -m harmon.cli generate …``.
@@ -48,8 +48,9 @@ def validate_arguments(args: argparse.Namespace) -> None:
         check_number("--temperature", args.temperature, minimum=0, exclusive_minimum=True)
     for name in EXISTING_FILES:
         value = getattr(args, name, None)
-        if value is not None and not Path(value).is_file():
-            raise ValueError(f"{flag(name)}: no such file: {value}")
+        for path in value if isinstance(value, list) else [value]:  # repeatable flags (generate --image) give lists
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{flag(name)}: no such file: {path}")
     if getattr(args, "port", None) is not None:
         check_int("--port", args.port, minimum=0, maximum=65535)
     for name in EXISTING_FOLDERS:
@@ -169,6 +170,8 @@ def cmd_generate(args) -> int:
 
     from harmon.validation import check_texts
 
+    if args.image:
+        return _generate_from_images(args)
     prompts = check_texts("--prompt", read_prompts(args.prompt, args.prompts_file))  # before loading anything
     state = PartialState()
     pipe = _load_pipeline(argparse.Namespace(**{**vars(args), "device": args.device or str(state.device)}))
@@ -197,6 +200,46 @@ def cmd_generate(args) -> int:
                 if args.grid and args.num_images > 1:
                     make_grid(mine_images, args.grid_columns or args.num_images).save(out / f"{index:05d}_grid.png")
                 print(f"{index:05d}: {prompt}")
+    return 0
+
+
+def _generate_from_images(args) -> int:
+    """``generate --image``: one output set per image, conditioned on its understanding embeddings (RecA's
+    inference side); ``--prompt`` is an instruction after them (one for all images, or one per image)."""
+    import torch
+    from accelerate import PartialState
+
+    images = [Path(path) for path in args.image]
+    for path in images:
+        if not path.is_file():
+            raise SystemExit(f"--image: no such file: {path}")
+    instructions = read_prompts(args.prompt, args.prompts_file) if args.prompt or args.prompts_file else None
+    if instructions is not None and len(instructions) not in (1, len(images)):
+        raise SystemExit(f"--prompt: give one instruction for all images or one per image ({len(images)}), "
+                         f"got {len(instructions)}")
+    if instructions is not None and len(instructions) == 1:
+        instructions = instructions * len(images)
+    state = PartialState()
+    pipe = _load_pipeline(argparse.Namespace(**{**vars(args), "device": args.device or str(state.device)}))
+    pipe.set_progress_bar_config(disable=not state.is_local_main_process)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with state.split_between_processes(list(enumerate(images))) as mine:
+        for index, path in mine:
+            generators = [torch.Generator().manual_seed(args.seed + index * args.num_images + k)
+                          for k in range(args.num_images)]
+            outputs = pipe(
+                image=str(path), prompt=instructions[index] if instructions else None,
+                height=args.height, width=args.width, num_inference_steps=args.steps,
+                guidance_scale=args.guidance_scale, guidance_schedule=args.guidance_schedule,
+                temperature=args.temperature, num_images_per_prompt=args.num_images, generator=generators,
+                sampler=args.sampler, head_steps=args.head_steps,
+            ).images
+            for k, image in enumerate(outputs):
+                image.save(out / f"{index:05d}_{k}.png")
+            if args.grid and args.num_images > 1:
+                make_grid(outputs, args.grid_columns or args.num_images).save(out / f"{index:05d}_grid.png")
+            print(f"{index:05d}: {path}" + (f" + {instructions[index]!r}" if instructions else ""))
     return 0
 
 
@@ -272,6 +315,12 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from harmon.evaluation.cli import main as bench_main  # its own parser: harmon.evaluation.cli
+
+    return bench_main(args.bench_args)
+
+
 def cmd_demo(args) -> int:
     from harmon import demo
 
@@ -302,10 +351,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(prog="harmon", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="text → image")
+    gen = sub.add_parser("generate", help="text → image (or image → image with --image)")
     gen.add_argument("pipeline", help="a HarmonPipeline folder")
     gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     gen.add_argument("--prompts-file", help="JSON list of strings or {\"prompt\": ...}, or one prompt per line")
+    gen.add_argument("--image", action="append",
+                     help="generate from this image's understanding embeddings instead (repeatable; --prompt is then "
+                          "an optional instruction after them)")
     gen.add_argument("--out", default="outputs")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--num-images", type=int, default=1, help="images per prompt")
@@ -351,6 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
 
     _add_demo_parser(sub)
+    bench = sub.add_parser("bench", add_help=False, help="benchmark layouts (geneval, dpg, wise, mjhq) and FID; "
+                           "`harmon bench -h` for its commands")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=cmd_bench)
 
     for command in (gen, desc, conv):
         command.add_argument("--dtype", choices=sorted(DTYPES), help="default: as saved (float32 on CPU)")
@@ -362,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its own parser (argparse's REMAINDER would refuse a leading option such as -h)
+        return cmd_bench(argparse.Namespace(bench_args=argv[1:]))
     args = build_parser().parse_args(argv)
     apply_threads(getattr(args, "threads", None))
     try:

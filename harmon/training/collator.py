@@ -9,6 +9,9 @@
   expanded to the encoder's ``m·n + buffer_size`` tokens. Labels hold the answer tokens (and their
   ``<|im_end|>``), -100 elsewhere.
 * text: the document's tokens and an end-of-text token; every real token is a label.
+* reconstruction (RecA): ``instruction.format(input=generation_prefix + "<image>" [+ "\n" + instruction])``
+  (:func:`harmon.image_conditioning.image_generation_ids`) with ``<image>`` expanded as for image → text; the
+  same prompt for every sample, never dropped; no labels (the loss is the diffusion loss on the image's tokens).
 
 Prompts are built by :class:`~harmon.pipelines.HarmonProcessor` (the same object the pipeline uses): captions,
 questions, answers and documents are tokenized as text, so a ``<|im_end|>`` or ``<image>`` inside them never becomes
@@ -27,6 +30,7 @@ import numpy as np
 import torch
 
 from harmon.configs import PromptTemplate
+from harmon.image_conditioning import image_generation_ids
 
 IGNORE_INDEX = -100
 _DROP_TAG = 0xCF6
@@ -47,6 +51,7 @@ class HarmonCollator:
         cfg_drop_prob: float = 0.1,
         seed: int = 0,
         image_token: str = "<image>",
+        reconstruction_instruction: str = "",
     ) -> None:
         from harmon.pipelines.processing_harmon import HarmonProcessor
 
@@ -65,6 +70,7 @@ class HarmonCollator:
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
         self.cfg_drop_prob, self.seed = cfg_drop_prob, int(seed)
         self.image_token = image_token
+        self.reconstruction_instruction = reconstruction_instruction
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if self.processor.image_token_id != self.image_token_id:
             raise ValueError(
@@ -133,6 +139,18 @@ class HarmonCollator:
                 break
         return ids, labels
 
+    # ---------------------------------------------------------------------------------------- reconstruction
+    def reconstruction_prompt(self) -> list[int]:
+        """Token ids of the reconstruction prompt, the image placeholder expanded to the image's tokens (the
+        pipeline's image-conditioned prompt, :func:`harmon.image_conditioning.image_generation_ids`)."""
+        ids = image_generation_ids(self.processor, self.image_tokens, self.reconstruction_instruction)
+        if len(ids) > self.max_length:
+            raise ValueError(
+                f"data.max_length ({self.max_length}) cannot hold the reconstruction prompt ({len(ids)} tokens, "
+                "the image's included)"
+            )
+        return ids
+
     # --------------------------------------------------------------------------------------------------- text
     def document(self, text: str) -> list[int]:
         return (self.encode(text) + [self.end_of_text_id])[: self.max_length]
@@ -163,6 +181,10 @@ class HarmonCollator:
         elif task == "text":
             rows = [self.document(s["text"]) for s in samples]
             label_rows = rows
+        elif task == "reconstruction":
+            rows = [self.reconstruction_prompt()] * len(samples)
+            batch["pixels"] = torch.stack([s["pixels"] for s in samples])
+            label_rows = None
         else:
             raise ValueError(f"unknown task {task!r}")
         batch["input_ids"] = self.pad(rows, self.pad_id)

@@ -4,7 +4,9 @@
   each annotation a JSON file holding the caption;
 * :class:`LlavaRecords` — LLaVA conversations (``conversations`` of ``human``/``gpt`` turns, ``<image>`` in the
   first question);
-* :class:`TextRecords` — plain text, one document per line (``.txt``) or per JSON line (``.jsonl``).
+* :class:`TextRecords` — plain text, one document per line (``.txt``) or per JSON line (``.jsonl``);
+* :class:`ImageFolderRecords` — a folder of images (the reconstruction task reads images only, from this or the
+  two image layouts above).
 
 Images are RGB PIL images turned into ``(3, S, S)`` tensors in [-1, 1]: generation targets are resized on the
 short side and centre-cropped; understanding inputs are padded to a square with gray (127, 127, 127) and resized,
@@ -27,7 +29,7 @@ from torchvision.transforms import functional as TF
 from torchvision.transforms import InterpolationMode
 
 from harmon.pipelines.image_processing import load_image
-from harmon.training.config import TASKS, CaptionSource, DataConfig, LlavaSource, TextSource
+from harmon.training.config import TASKS, CaptionSource, DataConfig, ImageFolderSource, LlavaSource, TextSource
 
 GRAY = (127, 127, 127)
 _IMAGE_PLACEHOLDER = re.compile(r"\s*<image>\s*")
@@ -196,12 +198,38 @@ class TextRecords:
         return self._parse(line, int(self.line_numbers[index]))  # a file changed since: still named file:line
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class ImageFolderRecords:
+    """The images under a folder, sub-folders included, sorted by relative path (see
+    :class:`~harmon.training.config.ImageFolderSource`)."""
+
+    def __init__(self, source: ImageFolderSource, data: DataConfig) -> None:
+        self.folder = data.resolve(source.folder)
+        self.paths = sorted(
+            path for path in self.folder.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+        )
+        if not self.paths:
+            raise ValueError(f"data: no image ({', '.join(IMAGE_SUFFIXES)}) under {self.folder}")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def image(self, index: int) -> Image.Image:
+        return load_rgb(self.paths[index])
+
+
+_RECORDS = {"caption": CaptionRecords, "llava": LlavaRecords, "text": TextRecords, "images": ImageFolderRecords}
+
+
 # -------------------------------------------------------------------------------------------------- dataset
 class MultiTaskDataset(Dataset):
     """Samples keyed by ``(task, index, draw)``: ``index`` runs over the task's sources one after another.
 
     Returns ``{"task", "draw", …}`` plus ``pixels`` and ``caption`` (text→image), ``pixels`` and ``turns``
-    (image→text), or ``text`` (text).
+    (image→text), ``text`` (text), or ``pixels`` (reconstruction: the generation crop, which is both what the
+    understanding path reads and the target).
     """
 
     def __init__(self, data: DataConfig) -> None:
@@ -212,12 +240,7 @@ class MultiTaskDataset(Dataset):
             records = []
             if ratios[task] > 0:
                 for source in getattr(data, task):
-                    if isinstance(source, CaptionSource):
-                        records.append(CaptionRecords(source, data))
-                    elif isinstance(source, LlavaSource):
-                        records.append(LlavaRecords(source, data))
-                    else:
-                        records.append(TextRecords(source, data))
+                    records.append(_RECORDS[source.format](source, data))
             self.sources[task] = records
         self.offsets = {task: np.cumsum([0] + [len(r) for r in self.sources[task]]) for task in TASKS}
 
@@ -241,6 +264,8 @@ class MultiTaskDataset(Dataset):
         if task == "text_to_image":
             sample["pixels"] = generation_pixels(records.image(local), self.image_size)
             sample["caption"] = records.caption(local)
+        elif task == "reconstruction":
+            sample["pixels"] = generation_pixels(records.image(local), self.image_size)
         elif task == "image_to_text":
             sample["pixels"] = understanding_pixels(records.image(local), self.image_size)
             if isinstance(records, CaptionRecords):

@@ -213,6 +213,7 @@ class Trainer:
             cfg_drop_prob=config.data.cfg_drop_prob,
             seed=config.seed,
             image_token=config.model.image_token,
+            reconstruction_instruction=config.data.reconstruction_instruction,
         )
         self.module, self.optimizer, self.scheduler = accelerator.prepare(self.module, self.optimizer, self.scheduler)
         explain_shared_tensors(accelerator.unwrap_model(self.module), logger)
