@@ -19,6 +19,69 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
           "float16": "float16", "fp16": "float16"}
 
 
+# every argument is checked before any work (harmon.validation's checks, named as on the command line)
+POSITIVE_INTS = ("batch_size", "num_images", "grid_columns", "steps", "height", "width", "head_steps",
+                 "max_new_tokens", "max_images", "max_queue")
+EXISTING_FILES = ("image", "prompts_file", "harmon", "vae", "config")
+EXISTING_FOLDERS = ("pipeline", "llm")
+
+
+def validate_arguments(args: argparse.Namespace) -> None:
+    """Raise ``ValueError`` naming the first bad argument (``--batch-size``, a missing ``--image`` file, …)."""
+    from harmon.validation import check_batch, check_int, check_number, check_seed
+
+    def flag(name: str) -> str:
+        return name if name in ("pipeline",) else "--" + name.replace("_", "-")
+
+    if args.command == "convert" and args.preset is not None and (args.vae is None or args.llm is None):
+        raise SystemExit("harmon convert: --preset needs --vae and --llm (only --config can name them)")
+    for name in POSITIVE_INTS:
+        if getattr(args, name, None) is not None:
+            check_int(flag(name), getattr(args, name), minimum=1)
+    if getattr(args, "num_images", None) is not None:  # images per pipeline call, before loading anything
+        check_batch("--num-images × --batch-size", args.num_images * args.batch_size)
+    if getattr(args, "seed", None) is not None:
+        check_seed("--seed", args.seed)
+    if getattr(args, "guidance_scale", None) is not None:
+        check_number("--guidance-scale", args.guidance_scale, minimum=1)
+    if getattr(args, "temperature", None) is not None:
+        check_number("--temperature", args.temperature, minimum=0, exclusive_minimum=True)
+    for name in EXISTING_FILES:
+        value = getattr(args, name, None)
+        for path in value if isinstance(value, list) else [value]:  # generate's --image is repeatable
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{flag(name)}: no such file: {path}")
+    if getattr(args, "port", None) is not None:
+        check_int("--port", args.port, minimum=0, maximum=65535)
+    for name in EXISTING_FOLDERS:
+        value = getattr(args, name, None)
+        if name == "pipeline" and args.command == "demo":  # the demo also takes a name (its default, harmon-toy)
+            continue
+        if value is not None and not Path(value).is_dir():
+            raise ValueError(f"{flag(name)}: no such folder: {value}")
+    out = getattr(args, "out", None)
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out: {out} exists and is not a folder")
+
+
+class UsageExit(SystemExit):
+    """Exit status 2 (a usage error) that still reads as its message (``str(error)``), already printed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``harmon generate: error: …``), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 PYTHON_TO_CLI = {
     "generate": {
         "num_inference_steps": "--steps", "num_steps": "--steps", "guidance_scale": "--guidance-scale",
@@ -105,14 +168,15 @@ def cmd_generate(args) -> int:
     import torch
     from accelerate import PartialState
 
+    from harmon.validation import check_texts
+
     if args.image:
         return _generate_from_images(args)
-    prompts = read_prompts(args.prompt, args.prompts_file)
+    prompts = check_texts("--prompt", read_prompts(args.prompt, args.prompts_file))  # before loading anything
     state = PartialState()
     pipe = _load_pipeline(argparse.Namespace(**{**vars(args), "device": args.device or str(state.device)}))
     pipe.set_progress_bar_config(disable=not state.is_local_main_process)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     indexed = list(enumerate(prompts))
     with state.split_between_processes(indexed) as mine:
         for start in range(0, len(mine), args.batch_size):
@@ -128,6 +192,7 @@ def cmd_generate(args) -> int:
                 temperature=args.temperature, num_images_per_prompt=args.num_images, generator=generators,
                 sampler=args.sampler, head_steps=args.head_steps,
             ).images
+            out.mkdir(parents=True, exist_ok=True)  # only once there is something to write
             for j, (index, prompt) in enumerate(chunk):
                 mine_images = images[j * args.num_images:(j + 1) * args.num_images]
                 for k, image in enumerate(mine_images):
@@ -144,11 +209,12 @@ def _generate_from_images(args) -> int:
     import torch
     from accelerate import PartialState
 
-    images = [Path(path) for path in args.image]
-    for path in images:
-        if not path.is_file():
-            raise SystemExit(f"--image: no such file: {path}")
-    instructions = read_prompts(args.prompt, args.prompts_file) if args.prompt or args.prompts_file else None
+    images = [Path(path) for path in args.image]  # validate_arguments checked that they exist
+    from harmon.validation import check_texts
+
+    instructions = None
+    if args.prompt or args.prompts_file:
+        instructions = check_texts("--prompt", read_prompts(args.prompt, args.prompts_file))
     if instructions is not None and len(instructions) not in (1, len(images)):
         raise SystemExit(f"--prompt: give one instruction for all images or one per image ({len(images)}), "
                          f"got {len(instructions)}")
@@ -191,8 +257,6 @@ def cmd_convert(args) -> int:
     from harmon.configs import to_original_config
     from harmon.pipelines import HarmonPipeline
 
-    if args.preset is not None and (args.vae is None or args.llm is None):
-        raise SystemExit("harmon convert: --preset needs --vae and --llm (only --config can name them)")
     pipe = HarmonPipeline.from_original(
         args.harmon, args.vae, args.llm, original_config=args.config, preset=args.preset,
     )
@@ -285,7 +349,7 @@ def _add_demo_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="harmon", description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(prog="harmon", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="text → image (or image → image with --image)")
@@ -361,10 +425,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     apply_threads(getattr(args, "threads", None))
     try:
+        validate_arguments(args)
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError, OSError, KeyError) as error:
-        print(f"harmon {args.command}: error: {name_cli_flags(str(error), args.command)}", file=sys.stderr)
+        message = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+        message = " ".join(name_cli_flags(message, args.command).split())  # one line
+        print(f"harmon {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except SystemExit as exit_:  # a refusal raised as SystemExit("message") would exit with status 1
+        if not isinstance(exit_.code, str):
+            raise
+        prefix = "" if exit_.code.startswith("harmon") else f"harmon {args.command}: error: "
+        print(f"{prefix}{exit_.code}", file=sys.stderr)
+        raise UsageExit(exit_.code) from None
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ class PromptTemplate(BaseModel):
 
 
 class HarmonConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # vae_scale=inf is no scale
 
     encoder: ComponentSpec = ComponentSpec(name="mar-b")
     # None: shared (the generation encoder serves understanding too, the paper's design); else a decoupled

@@ -27,6 +27,7 @@ import torch
 
 from harmon.model import GUIDANCE_SCHEDULES, SAMPLERS
 from harmon.pipelines.pipeline_harmon import MAX_IMAGE_SIDE
+from harmon.validation import MAX_IMAGES_PER_CALL
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -69,8 +70,9 @@ def build_demo(pipe: HarmonPipeline, *, max_images: int = 4, max_queue: int = 16
                title: str = "Harmon") -> gr.Blocks:
     """The two-tab app over ``pipe`` (not launched). ``max_images`` bounds the images of one Generate request,
     ``max_queue`` the requests waiting in the queue (more are refused with a message)."""
-    if not isinstance(max_images, int) or max_images < 1:
-        raise ValueError(f"max_images must be a positive int, got {max_images!r}")
+    if not isinstance(max_images, int) or not 1 <= max_images <= MAX_IMAGES_PER_CALL:
+        raise ValueError(f"max_images must be an int in [1, {MAX_IMAGES_PER_CALL}] (the pipeline's limit per call), "
+                         f"got {max_images!r}")
     if not isinstance(max_queue, int) or max_queue < 1:
         raise ValueError(f"max_queue must be a positive int, got {max_queue!r}")
     gr = _gradio()

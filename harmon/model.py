@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_model
+from safetensors.torch import save_model
 from torch import nn
 from transformers import DynamicCache
 
-from harmon.checkpoints import load_state_dict_strict
+from harmon.checkpoints import load_state_dict_strict, read_state_dict
 from harmon.configs import HarmonConfig
 from harmon.encoders.common import saved_weights_follow
 from harmon.core import (
@@ -182,7 +182,7 @@ class HarmonModel(nn.Module):
                 raise FileNotFoundError(f"{folder} is not a saved HarmonModel: {path.name} is missing")
         with saved_weights_follow():  # components' own pretrained weights are in the file: skip loading them
             model = cls.from_config(HarmonConfig.model_validate_json(config_path.read_text()))
-        state_dict = load_file(str(weights_path))
+        state_dict = read_state_dict(weights_path)  # a truncated file is named
         _restore_tied_weights(model, state_dict)
         load_state_dict_strict(model, state_dict, str(weights_path))
         return model.eval()

@@ -30,6 +30,7 @@ from harmon import cli
 from harmon.demo import PIPELINE_CONCURRENCY_ID, build_demo, launch
 from harmon.pipelines import HarmonPipeline
 from harmon.testing import tiny_model, tiny_tokenizer
+from harmon.validation import MAX_IMAGES_PER_CALL
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -345,10 +346,11 @@ def test_both_tabs_share_one_queue_slot_and_the_queue_is_bounded():
     assert demo._queue.max_size == 3
 
 
-@pytest.mark.parametrize("name", ["max_images", "max_queue"])
-def test_build_demo_rejects_a_bad_bound_naming_it(name):
+@pytest.mark.parametrize(("name", "value"), [("max_images", 0), ("max_images", MAX_IMAGES_PER_CALL + 1),
+                                             ("max_queue", 0)])
+def test_build_demo_rejects_a_bad_bound_naming_it(name, value):
     with pytest.raises(ValueError, match=name):
-        build_demo(HarmonPipeline.from_model(tiny_model(), tiny_tokenizer()), **{name: 0})
+        build_demo(HarmonPipeline.from_model(tiny_model(), tiny_tokenizer()), **{name: value})
 
 
 def test_cli_demo_verb_passes_its_options_to_launch(monkeypatch, capsys):

@@ -294,3 +294,36 @@ def test_understanding_image_size_defaults_to_the_release_choice_per_preset(pres
         core = HarmonCore(harmon_config=HarmonConfig.from_preset(preset).model_dump(mode="json"))
     assert core.understanding_image_size == size
     assert core.num_understanding_tokens() == (size // 16) ** 2 + core.buffer_size
+
+
+def test_the_training_collator_tokenizes_user_text_as_text():
+    from harmon.configs import PromptTemplate
+    from harmon.training.collator import HarmonCollator
+
+    tokenizer = tiny_tokenizer()
+    collator = HarmonCollator(
+        tokenizer, image_token_id=3, image_tokens=5, prompt_template=PromptTemplate(),
+        generation_prefix="Generate an image: ", unconditional_prompt="Generate an image.", cfg_drop_prob=0.0,
+    )
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert collator.generation_prompt("a cat<|im_end|><image>").count(im_end) == 1
+    assert 3 not in collator.generation_prompt("a cat <image>")
+    ids, labels = collator.conversation([("what is <image>?", "a <|im_end|> b")])
+    assert ids.count(3) == 5  # the expanded placeholder only
+    answer = [i for i, label in zip(ids, labels) if label >= 0]
+    assert answer.count(im_end) == 1 and answer[-1] == im_end  # the template's end of turn, not the answer's text
+
+
+def test_a_diffusers_callback_object_brings_its_tensor_inputs(pipe):
+    from diffusers.callbacks import PipelineCallback
+
+    class CountSteps(PipelineCallback):
+        tensor_inputs = ["tokens", "mask"]
+
+        def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+            self.seen = sorted(callback_kwargs)
+            return callback_kwargs
+
+    callback = CountSteps()
+    images(pipe, callback_on_step_end=callback)
+    assert callback.seen == ["mask", "tokens"]

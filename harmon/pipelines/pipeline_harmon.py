@@ -9,6 +9,7 @@ The pipeline owns the masked-autoregressive sampling loop (``__call__``): valida
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -17,8 +18,10 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from transformers import PreTrainedModel
 
+from harmon.checkpoints import IncompleteFolderError, check_pipeline_folder, read_json_file
 from harmon.core import HarmonCore, prefill, splice_image_embeddings, through_llm
 from harmon.encoders.common import fail_fast_for_hub_id, saved_weights_follow
 from harmon.heads.diffusion import adm_scheduler_for
@@ -29,6 +32,7 @@ from harmon.pipelines.image_processing import ImageInput, postprocessor
 from harmon.pipelines.processing_harmon import IMAGE_TOKEN, HarmonProcessor
 from harmon.randomness import as_random_source
 from harmon.schedulers import ADMScheduler
+from harmon.validation import check_generation_arguments, check_understanding_arguments
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 MAX_IMAGE_SIDE = 4096
@@ -155,14 +159,10 @@ class HarmonPipeline(DiffusionPipeline):
         if not path.is_dir():
             _fail_for_unreachable_hub_id(str(pretrained_model_name_or_path))
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        index = path / "model_index.json"
-        if not index.is_file():
-            raise ValueError(f"{path} is not a Harmon pipeline folder: model_index.json is missing")
-        class_name = json.loads(index.read_text()).get("_class_name")
-        if isinstance(class_name, list):  # ["harmon_pipeline", "HarmonPipeline"]: diffusers' custom-class form
-            class_name = class_name[-1]
-        if class_name != cls.__name__:
-            raise ValueError(f"{path} holds a {class_name!r} pipeline, not a {cls.__name__}")
+        # every component strictly, before loading (harmon.checkpoints): transformers would re-initialise a
+        # missing LLM tensor; errors name the file and the keys
+        check_pipeline_folder(path, cls.__name__, list(inspect.signature(cls.__init__).parameters)[1:],
+                              build={"harmon": _meta_core}, variant=kwargs.get("variant"))
         stub = path / f"{PIPELINE_MODULE}.py"
         if stub.is_file():
             if stub.read_text() != PIPELINE_MODULE_SOURCE:
@@ -530,6 +530,17 @@ class HarmonPipeline(DiffusionPipeline):
                 ``None``, one instruction for all, or one (or ``None``) per image, put after the embeddings.
                 ``num_images_per_prompt`` counts per image; everything else is as for text.
         """
+        checked_prompt = prompt
+        if image is not None:  # from images: one instruction per image (None: none) counts as the image's prompt
+            checked_prompt = [t or IMAGE_TOKEN for t in self._check_image_inputs(image, prompt, negative_prompt,
+                                                                                 prompt_input_ids)]
+        check_generation_arguments(  # types, finiteness and the batch limit (harmon.validation), before any work
+            prompt=checked_prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale, temperature=temperature,
+            num_images_per_prompt=num_images_per_prompt, num_inference_steps=num_inference_steps,
+            generator=generator, callback_on_step_end=callback_on_step_end, prompt_input_ids=prompt_input_ids,
+        )
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs  # diffusers' callback objects
         core = self.harmon
         config = core.harmon
         height = height if height is not None else config.image_size
@@ -675,6 +686,11 @@ class HarmonPipeline(DiffusionPipeline):
         fixed number of features. Greedy decoding by default; ``do_sample=True`` samples, reproducibly for a given
         ``seed``. ``min_new_tokens`` forbids stopping earlier.
         """
+        check_understanding_arguments(  # types, finiteness and the batch limit (harmon.validation), before any work
+            image=image, question=question, max_new_tokens=max_new_tokens, do_sample=do_sample,
+            temperature=temperature, top_p=top_p, seed=seed, min_new_tokens=min_new_tokens,
+            skip_special_tokens=skip_special_tokens,
+        )
         batched = isinstance(question, (list, tuple))
         questions = list(question) if batched else [question]
         images = list(image) if isinstance(image, (list, tuple)) else [image]
@@ -732,6 +748,17 @@ class HarmonPipeline(DiffusionPipeline):
 
 
 # -------------------------------------------------------------------------------------------------- helpers
+def _meta_core(folder: Path) -> HarmonCore:
+    """The saved HarmonCore's modules on the meta device, from its config alone (for the strict weight check)."""
+    config_path = folder / "config.json"
+    harmon_config = read_json_file(config_path, "HarmonCore config").get("harmon_config")
+    try:
+        with torch.device("meta"), saved_weights_follow():
+            return HarmonCore(harmon_config=harmon_config)
+    except (ValueError, TypeError, KeyError) as error:
+        raise IncompleteFolderError(f"{config_path}: its harmon_config is not a valid HarmonConfig ({error})") from None
+
+
 def _fail_for_unreachable_hub_id(name: str) -> None:
     fail_fast_for_hub_id(
         name, "pipeline",

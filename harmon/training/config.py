@@ -47,7 +47,7 @@ the decoder's (as the recipes of the paper state), a decoupled understanding enc
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # .nan / .inf in a recipe: refused, named
 
 
 def _check_files(info: ValidationInfo) -> bool:
@@ -373,7 +373,10 @@ def _split_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ValueError(f"override {text!r}: expected KEY=VALUE")
     key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value)
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as error:
+        raise ValueError(f"override {text!r}: the value is not valid YAML ({' '.join(str(error).split())})") from None
 
 
 def load_config(
@@ -390,7 +393,10 @@ def load_config(
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"training config not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as error:  # a syntax error: one line, naming the file
+            raise ValueError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a training config is a YAML mapping")
     data = apply_overrides(copy.deepcopy(data), overrides)
