@@ -48,7 +48,7 @@ def validate_arguments(args: argparse.Namespace) -> None:
         check_number("--temperature", args.temperature, minimum=0, exclusive_minimum=True)
     for name in EXISTING_FILES:
         value = getattr(args, name, None)
-        for path in value if isinstance(value, list) else [value]:  # generate's --image is repeatable
+        for path in value if isinstance(value, list) else [value]:  # repeatable flags (generate --image) give lists
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"{flag(name)}: no such file: {path}")
     if getattr(args, "port", None) is not None:
@@ -209,12 +209,11 @@ def _generate_from_images(args) -> int:
     import torch
     from accelerate import PartialState
 
-    images = [Path(path) for path in args.image]  # validate_arguments checked that they exist
-    from harmon.validation import check_texts
-
-    instructions = None
-    if args.prompt or args.prompts_file:
-        instructions = check_texts("--prompt", read_prompts(args.prompt, args.prompts_file))
+    images = [Path(path) for path in args.image]
+    for path in images:
+        if not path.is_file():
+            raise SystemExit(f"--image: no such file: {path}")
+    instructions = read_prompts(args.prompt, args.prompts_file) if args.prompt or args.prompts_file else None
     if instructions is not None and len(instructions) not in (1, len(images)):
         raise SystemExit(f"--prompt: give one instruction for all images or one per image ({len(images)}), "
                          f"got {len(instructions)}")

@@ -25,6 +25,19 @@ def image_generation_input(generation_prefix: str, image_placeholders: str, inst
     return text
 
 
+def image_generation_ids(processor, image_tokens: int, instruction: str | None = None) -> list[int]:
+    """One conditional prompt for generation from an image, as ids: a user turn of ``generation_prefix``,
+    ``image_tokens`` placeholders and, when ``instruction`` is given, a newline and the instruction (text, never
+    control tokens) — the token form of :func:`image_generation_input`. ``processor``: a
+    :class:`~harmon.pipelines.HarmonProcessor`; the RecA collator builds its training prompt with it too."""
+    head, tail = processor.instruction.split("{input}", 1)
+    ids = processor.template_ids(head) + processor.text_ids(processor.generation_prefix)
+    ids += [processor.image_token_id] * int(image_tokens)
+    if instruction is not None and instruction.strip():
+        ids += processor.text_ids("\n" + instruction.strip())
+    return ids + processor.template_ids(tail)
+
+
 def image_generation_rows(
     processor,
     instructions: Sequence[str | None],
@@ -40,14 +53,9 @@ def image_generation_rows(
     form of :func:`image_generation_input`; each is repeated ``num_images_per_prompt`` times. With ``guidance`` the
     unconditional rows follow: ``negative_prompt`` (one for all, or one per image) or the processor's
     unconditional prompt, without the image. ``processor`` is a :class:`~harmon.pipelines.HarmonProcessor`."""
-    head, tail = processor.instruction.split("{input}", 1)
     cond = []
     for instruction in instructions:
-        ids = processor.template_ids(head) + processor.text_ids(processor.generation_prefix)
-        ids += [processor.image_token_id] * int(image_tokens)
-        if instruction is not None and instruction.strip():
-            ids += processor.text_ids("\n" + instruction.strip())
-        cond += [ids + processor.template_ids(tail)] * num_images_per_prompt
+        cond += [image_generation_ids(processor, image_tokens, instruction)] * num_images_per_prompt
     rows = list(cond)
     if guidance:
         if negative_prompt is None or isinstance(negative_prompt, str):

@@ -153,11 +153,16 @@ def check_generation_arguments(
     callback_on_step_end: Any,
     negative_prompt: Any,
     prompt_input_ids: Any = None,
+    num_conditioning_images: int | None = None,
 ) -> None:
     """The prompts, numbers, generators and callback of ``HarmonPipeline.__call__`` (types, finiteness, limits).
-    With ready ``prompt_input_ids`` rows (``[cond; uncond]`` when guided) instead of ``prompt``, their count."""
+    With ready ``prompt_input_ids`` rows (``[cond; uncond]`` when guided) instead of ``prompt``, their count; when
+    generating from ``num_conditioning_images`` images, one image per prompt (``prompt`` holds optional
+    instructions, checked by the pipeline)."""
     guidance = check_number("guidance_scale", guidance_scale, minimum=1)
-    if prompt is None and prompt_input_ids is not None:
+    if num_conditioning_images is not None:
+        num_prompts = num_conditioning_images
+    elif prompt is None and prompt_input_ids is not None:
         num_prompts = len(prompt_input_ids) // (2 if guidance > 1 else 1)
     else:
         num_prompts = len(check_texts("prompt", prompt))

@@ -530,14 +530,11 @@ class HarmonPipeline(DiffusionPipeline):
                 ``None``, one instruction for all, or one (or ``None``) per image, put after the embeddings.
                 ``num_images_per_prompt`` counts per image; everything else is as for text.
         """
-        checked_prompt = prompt
-        if image is not None:  # from images: one instruction per image (None: none) counts as the image's prompt
-            checked_prompt = [t or IMAGE_TOKEN for t in self._check_image_inputs(image, prompt, negative_prompt,
-                                                                                 prompt_input_ids)]
         check_generation_arguments(  # types, finiteness and the batch limit (harmon.validation), before any work
-            prompt=checked_prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale, temperature=temperature,
+            prompt=prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale, temperature=temperature,
             num_images_per_prompt=num_images_per_prompt, num_inference_steps=num_inference_steps,
             generator=generator, callback_on_step_end=callback_on_step_end, prompt_input_ids=prompt_input_ids,
+            num_conditioning_images=None if image is None else len(image) if isinstance(image, (list, tuple)) else 1,
         )
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs  # diffusers' callback objects

@@ -9,10 +9,9 @@
   expanded to the encoder's ``m·n + buffer_size`` tokens. Labels hold the answer tokens (and their
   ``<|im_end|>``), -100 elsewhere.
 * text: the document's tokens and an end-of-text token; every real token is a label.
-* reconstruction (RecA): ``instruction.format(input=generation_prefix + <image> [+ "\n" + instruction])`` with the
-  image placeholder expanded as for image → text (:func:`harmon.image_conditioning.image_generation_rows`, the rows
-  image-conditioned sampling uses); the same prompt for every sample, never dropped; no labels (the loss is the
-  diffusion loss on the image's tokens).
+* reconstruction (RecA): ``instruction.format(input=generation_prefix + "<image>" [+ "\n" + instruction])``
+  (:func:`harmon.image_conditioning.image_generation_ids`) with ``<image>`` expanded as for image → text; the
+  same prompt for every sample, never dropped; no labels (the loss is the diffusion loss on the image's tokens).
 
 Prompts are built by :class:`~harmon.pipelines.HarmonProcessor` (the same object the pipeline uses): captions,
 questions, answers and documents are tokenized as text, so a ``<|im_end|>`` or ``<image>`` inside them never becomes
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 
 from harmon.configs import PromptTemplate
-from harmon.image_conditioning import image_generation_rows
+from harmon.image_conditioning import image_generation_ids
 
 IGNORE_INDEX = -100
 _DROP_TAG = 0xCF6
@@ -142,11 +141,9 @@ class HarmonCollator:
 
     # ---------------------------------------------------------------------------------------- reconstruction
     def reconstruction_prompt(self) -> list[int]:
-        """Token ids of the reconstruction prompt, the image placeholder expanded to the image's tokens: the row
-        :func:`harmon.image_conditioning.image_generation_rows` builds for image-conditioned sampling."""
-        ids, _ = image_generation_rows(self.processor, [self.reconstruction_instruction or None], self.image_tokens,
-                                       guidance=False)
-        ids = ids[0].tolist()
+        """Token ids of the reconstruction prompt, the image placeholder expanded to the image's tokens (the
+        pipeline's image-conditioned prompt, :func:`harmon.image_conditioning.image_generation_ids`)."""
+        ids = image_generation_ids(self.processor, self.image_tokens, self.reconstruction_instruction)
         if len(ids) > self.max_length:
             raise ValueError(
                 f"data.max_length ({self.max_length}) cannot hold the reconstruction prompt ({len(ids)} tokens, "
