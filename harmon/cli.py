@@ -166,14 +166,14 @@ def make_grid(images, columns: int):
 
 def cmd_generate(args) -> int:
     import torch
-    from accelerate import PartialState
+    from harmon.evaluation.common import launch_state
 
     from harmon.validation import check_texts
 
     if args.image:
         return _generate_from_images(args)
     prompts = check_texts("--prompt", read_prompts(args.prompt, args.prompts_file))  # before loading anything
-    state = PartialState()
+    state = launch_state()  # honours ACCELERATE_USE_CPU (the CPU form of accelerate launch --multi_gpu)
     pipe = _load_pipeline(argparse.Namespace(**{**vars(args), "device": args.device or str(state.device)}))
     pipe.set_progress_bar_config(disable=not state.is_local_main_process)
     out = Path(args.out)
@@ -207,7 +207,7 @@ def _generate_from_images(args) -> int:
     """``generate --image``: one output set per image, conditioned on its understanding embeddings (RecA's
     inference side); ``--prompt`` is an instruction after them (one for all images, or one per image)."""
     import torch
-    from accelerate import PartialState
+    from harmon.evaluation.common import launch_state
 
     images = [Path(path) for path in args.image]
     for path in images:
@@ -219,7 +219,7 @@ def _generate_from_images(args) -> int:
                          f"got {len(instructions)}")
     if instructions is not None and len(instructions) == 1:
         instructions = instructions * len(images)
-    state = PartialState()
+    state = launch_state()  # honours ACCELERATE_USE_CPU (the CPU form of accelerate launch --multi_gpu)
     pipe = _load_pipeline(argparse.Namespace(**{**vars(args), "device": args.device or str(state.device)}))
     pipe.set_progress_bar_config(disable=not state.is_local_main_process)
     out = Path(args.out)
