@@ -47,6 +47,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 from harmon import HarmonModel
+from harmon.pipelines import HarmonProcessor
 from experiments.common import (
     BUNDLED_DATASETS,
     LabeledImages,
@@ -66,7 +67,6 @@ from experiments.common import (
     train_linear_probe,
 )
 
-IMAGE_TOKEN = "<image>"  # the placeholder HarmonPipeline.understand splices the image embeddings into
 
 
 # -------------------------------------------------------------------------------------------------------- Grad-CAM
@@ -119,25 +119,25 @@ def class_targets(indices: Sequence[int]) -> list[Any]:
 
 class WordLogProb(nn.Module):
     """pixels -> ``(B, 1)``: log p(``word`` | image, ``question``) under a Harmon model, summed over the word's tokens
-    (teacher-forced). The prompt is the model's chat template around ``<image>`` x N + ``\\n`` + question, as
-    ``HarmonPipeline.understand`` builds it; the image embeddings come from ``model.image_embeddings``."""
+    (teacher-forced). The prompt is ``HarmonPipeline.understand``'s, built by the same
+    :class:`~harmon.pipelines.HarmonProcessor` (``<image>`` x N + ``\\n`` + question in the chat template); the
+    image embeddings come from ``model.image_embeddings``."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, question: str, word: str) -> None:
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.question = question
-        self.word_ids = tokenizer.encode(word, add_special_tokens=False)
+        self.processor = HarmonProcessor.from_config(tokenizer, model.config)
+        self.word_ids = self.processor.text_ids(word)
         if not self.word_ids:
             raise SystemExit(f"--word {word!r} tokenizes to nothing")
-        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.image_token_id = self.processor.image_token_id
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         model = self.model
         embeds = model.image_embeddings(pixels)
-        prompt = model.config.prompt_template.instruction.format(input=f"{IMAGE_TOKEN * embeds.shape[1]}\n"
-                                                                        f"{self.question}")
-        ids = self.tokenizer.encode(prompt, add_special_tokens=True) + self.word_ids[:-1]
+        ids = self.processor.user_turn(self.question, image_tokens=embeds.shape[1]) + self.word_ids[:-1]
         input_ids = torch.tensor([ids] * len(pixels), device=model.device)
         inputs_embeds = model.splice_image_embeddings(input_ids, embeds, self.image_token_id)
         hidden = model.llm_hidden_states(inputs_embeds).last_hidden_state[:, -len(self.word_ids):]

@@ -1,4 +1,4 @@
-"""``harmon`` command line: ``generate``, ``describe``, ``convert``, ``info``, ``demo``.
+"""``harmon`` command line: ``generate``, ``describe``, ``convert``, ``info``, ``demo``, ``bench``.
 
 Thin wrappers over :class:`~harmon.pipelines.HarmonPipeline`. ``generate`` splits its prompts across processes
 when started with ``accelerate launch -m harmon.cli generate …``.
@@ -13,10 +13,73 @@ import re
 import sys
 from pathlib import Path
 
-from harmon.threads import add_threads_argument, apply_threads
+from harmon.threads import add_threads_argument, apply_threads, positive_int
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
+
+
+# every argument is checked before any work (harmon.validation's checks, named as on the command line)
+POSITIVE_INTS = ("batch_size", "num_images", "grid_columns", "steps", "height", "width", "head_steps",
+                 "max_new_tokens", "max_images", "max_queue")
+EXISTING_FILES = ("image", "prompts_file", "harmon", "vae", "config")
+EXISTING_FOLDERS = ("pipeline", "llm")
+
+
+def validate_arguments(args: argparse.Namespace) -> None:
+    """Raise ``ValueError`` naming the first bad argument (``--batch-size``, a missing ``--image`` file, …)."""
+    from harmon.validation import check_batch, check_int, check_number, check_seed
+
+    def flag(name: str) -> str:
+        return name if name in ("pipeline",) else "--" + name.replace("_", "-")
+
+    if args.command == "convert" and args.preset is not None and (args.vae is None or args.llm is None):
+        raise SystemExit("harmon convert: --preset needs --vae and --llm (only --config can name them)")
+    for name in POSITIVE_INTS:
+        if getattr(args, name, None) is not None:
+            check_int(flag(name), getattr(args, name), minimum=1)
+    if getattr(args, "num_images", None) is not None:  # images per pipeline call, before loading anything
+        check_batch("--num-images × --batch-size", args.num_images * args.batch_size)
+    if getattr(args, "seed", None) is not None:
+        check_seed("--seed", args.seed)
+    if getattr(args, "guidance_scale", None) is not None:
+        check_number("--guidance-scale", args.guidance_scale, minimum=1)
+    if getattr(args, "temperature", None) is not None:
+        check_number("--temperature", args.temperature, minimum=0, exclusive_minimum=True)
+    for name in EXISTING_FILES:
+        value = getattr(args, name, None)
+        for path in value if isinstance(value, list) else [value]:  # repeatable flags (generate --image) give lists
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{flag(name)}: no such file: {path}")
+    if getattr(args, "port", None) is not None:
+        check_int("--port", args.port, minimum=0, maximum=65535)
+    for name in EXISTING_FOLDERS:
+        value = getattr(args, name, None)
+        if name == "pipeline" and args.command == "demo":  # the demo also takes a name (its default, harmon-toy)
+            continue
+        if value is not None and not Path(value).is_dir():
+            raise ValueError(f"{flag(name)}: no such folder: {value}")
+    out = getattr(args, "out", None)
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out: {out} exists and is not a folder")
+
+
+class UsageExit(SystemExit):
+    """Exit status 2 (a usage error) that still reads as its message (``str(error)``), already printed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``harmon generate: error: …``), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 PYTHON_TO_CLI = {
@@ -103,14 +166,17 @@ def make_grid(images, columns: int):
 
 def cmd_generate(args) -> int:
     import torch
-    from accelerate import PartialState
+    from harmon.evaluation.common import launch_state
 
-    prompts = read_prompts(args.prompt, args.prompts_file)
-    state = PartialState()
+    from harmon.validation import check_texts
+
+    if args.image:
+        return _generate_from_images(args)
+    prompts = check_texts("--prompt", read_prompts(args.prompt, args.prompts_file))  # before loading anything
+    state = launch_state()  # honours ACCELERATE_USE_CPU (the CPU form of accelerate launch --multi_gpu)
     pipe = _load_pipeline(argparse.Namespace(**{**vars(args), "device": args.device or str(state.device)}))
     pipe.set_progress_bar_config(disable=not state.is_local_main_process)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     indexed = list(enumerate(prompts))
     with state.split_between_processes(indexed) as mine:
         for start in range(0, len(mine), args.batch_size):
@@ -126,6 +192,7 @@ def cmd_generate(args) -> int:
                 temperature=args.temperature, num_images_per_prompt=args.num_images, generator=generators,
                 sampler=args.sampler, head_steps=args.head_steps,
             ).images
+            out.mkdir(parents=True, exist_ok=True)  # only once there is something to write
             for j, (index, prompt) in enumerate(chunk):
                 mine_images = images[j * args.num_images:(j + 1) * args.num_images]
                 for k, image in enumerate(mine_images):
@@ -133,6 +200,46 @@ def cmd_generate(args) -> int:
                 if args.grid and args.num_images > 1:
                     make_grid(mine_images, args.grid_columns or args.num_images).save(out / f"{index:05d}_grid.png")
                 print(f"{index:05d}: {prompt}")
+    return 0
+
+
+def _generate_from_images(args) -> int:
+    """``generate --image``: one output set per image, conditioned on its understanding embeddings (RecA's
+    inference side); ``--prompt`` is an instruction after them (one for all images, or one per image)."""
+    import torch
+    from harmon.evaluation.common import launch_state
+
+    images = [Path(path) for path in args.image]
+    for path in images:
+        if not path.is_file():
+            raise SystemExit(f"--image: no such file: {path}")
+    instructions = read_prompts(args.prompt, args.prompts_file) if args.prompt or args.prompts_file else None
+    if instructions is not None and len(instructions) not in (1, len(images)):
+        raise SystemExit(f"--prompt: give one instruction for all images or one per image ({len(images)}), "
+                         f"got {len(instructions)}")
+    if instructions is not None and len(instructions) == 1:
+        instructions = instructions * len(images)
+    state = launch_state()  # honours ACCELERATE_USE_CPU (the CPU form of accelerate launch --multi_gpu)
+    pipe = _load_pipeline(argparse.Namespace(**{**vars(args), "device": args.device or str(state.device)}))
+    pipe.set_progress_bar_config(disable=not state.is_local_main_process)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with state.split_between_processes(list(enumerate(images))) as mine:
+        for index, path in mine:
+            generators = [torch.Generator().manual_seed(args.seed + index * args.num_images + k)
+                          for k in range(args.num_images)]
+            outputs = pipe(
+                image=str(path), prompt=instructions[index] if instructions else None,
+                height=args.height, width=args.width, num_inference_steps=args.steps,
+                guidance_scale=args.guidance_scale, guidance_schedule=args.guidance_schedule,
+                temperature=args.temperature, num_images_per_prompt=args.num_images, generator=generators,
+                sampler=args.sampler, head_steps=args.head_steps,
+            ).images
+            for k, image in enumerate(outputs):
+                image.save(out / f"{index:05d}_{k}.png")
+            if args.grid and args.num_images > 1:
+                make_grid(outputs, args.grid_columns or args.num_images).save(out / f"{index:05d}_grid.png")
+            print(f"{index:05d}: {path}" + (f" + {instructions[index]!r}" if instructions else ""))
     return 0
 
 
@@ -149,8 +256,6 @@ def cmd_convert(args) -> int:
     from harmon.configs import to_original_config
     from harmon.pipelines import HarmonPipeline
 
-    if args.preset is not None and (args.vae is None or args.llm is None):
-        raise SystemExit("harmon convert: --preset needs --vae and --llm (only --config can name them)")
     pipe = HarmonPipeline.from_original(
         args.harmon, args.vae, args.llm, original_config=args.config, preset=args.preset,
     )
@@ -210,6 +315,12 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from harmon.evaluation.cli import main as bench_main  # its own parser: harmon.evaluation.cli
+
+    return bench_main(args.bench_args)
+
+
 def cmd_demo(args) -> int:
     from harmon import demo
 
@@ -231,20 +342,23 @@ def _add_demo_parser(sub) -> None:
     web.add_argument("--device", help="default: cuda when available, else cpu")
     web.add_argument("--dtype", choices=sorted(DTYPES), help="default: as saved (float32 on CPU)")
     web.add_argument("--cpu-offload", action="store_true", help="keep components on the CPU between phases")
-    web.add_argument("--max-images", type=int, default=4, help="images per Generate request, at most")
-    web.add_argument("--max-queue", type=int, default=16, help="requests waiting, at most")
+    web.add_argument("--max-images", type=positive_int, default=4, help="images per Generate request, at most")
+    web.add_argument("--max-queue", type=positive_int, default=16, help="requests waiting, at most")
     web.set_defaults(func=cmd_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="harmon", description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(prog="harmon", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="text → image")
+    gen = sub.add_parser("generate", help="text → image (or image → image with --image)")
     gen.add_argument("pipeline", nargs="?", default="harmon-toy",
                      help="a HarmonPipeline folder (default: harmon-toy, the small model shipped in the package)")
     gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     gen.add_argument("--prompts-file", help="JSON list of strings or {\"prompt\": ...}, or one prompt per line")
+    gen.add_argument("--image", action="append",
+                     help="generate from this image's understanding embeddings instead (repeatable; --prompt is then "
+                          "an optional instruction after them)")
     gen.add_argument("--out", default="outputs")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--num-images", type=int, default=1, help="images per prompt")
@@ -293,6 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_toy_parser(sub)
     _add_demo_parser(sub)
+    bench = sub.add_parser("bench", add_help=False, help="benchmark layouts (geneval, dpg, wise, mjhq) and FID; "
+                           "`harmon bench -h` for its commands")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=cmd_bench)
 
     for command in (gen, desc, conv):
         command.add_argument("--dtype", choices=sorted(DTYPES), help="default: as saved (float32 on CPU)")
@@ -304,13 +422,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its own parser (argparse's REMAINDER would refuse a leading option such as -h)
+        return cmd_bench(argparse.Namespace(bench_args=argv[1:]))
     args = build_parser().parse_args(argv)
     apply_threads(getattr(args, "threads", None))
     try:
+        validate_arguments(args)
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError, OSError, KeyError) as error:
-        print(f"harmon {args.command}: error: {name_cli_flags(str(error), args.command)}", file=sys.stderr)
+        message = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+        message = " ".join(name_cli_flags(message, args.command).split())  # one line
+        print(f"harmon {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except SystemExit as exit_:  # a refusal raised as SystemExit("message") would exit with status 1
+        if not isinstance(exit_.code, str):
+            raise
+        prefix = "" if exit_.code.startswith("harmon") else f"harmon {args.command}: error: "
+        print(f"{prefix}{exit_.code}", file=sys.stderr)
+        raise UsageExit(exit_.code) from None
 
 
 if __name__ == "__main__":

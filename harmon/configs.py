@@ -64,7 +64,7 @@ class PromptTemplate(BaseModel):
 
 
 class HarmonConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # vae_scale=inf is no scale
 
     encoder: ComponentSpec = ComponentSpec(name="mar-b")
     # None: shared (the generation encoder serves understanding too, the paper's design); else a decoupled
@@ -79,6 +79,9 @@ class HarmonConfig(BaseModel):
     vae_stride: PositiveInt = 16
     patch_size: PositiveInt = 1
     image_size: PositiveInt = 256
+    # understanding images' default square side on the token path (None: image_size); the MAR encoder interpolates
+    # its position embeddings to the larger grid. The release's scripts describe images at 512 with Harmon-1.5B.
+    understanding_image_size: PositiveInt | None = None
     mask_ratio_min: float = Field(0.7, gt=0, le=1)
     visual_grad_scale: float = Field(0.1, ge=0)
     unconditional_prompt: str = "Generate an image."
@@ -95,6 +98,10 @@ class HarmonConfig(BaseModel):
         token_dim = self.vae.embed_dim * self.patch_size**2
         if self.image_size % (self.vae_stride * self.patch_size):
             problems.append(f"image_size {self.image_size} is not a multiple of vae_stride·patch_size")
+        if self.understanding_image_size and self.understanding_image_size % (self.vae_stride * self.patch_size):
+            problems.append(
+                f"understanding_image_size {self.understanding_image_size} is not a multiple of vae_stride·patch_size"
+            )
         grid = self.image_size // self.vae_stride // self.patch_size
         _expect(problems, "encoder.token_dim", getattr(encoder, "token_dim", token_dim), token_dim)
         _expect(problems, "head.token_dim", getattr(head, "token_dim", token_dim), token_dim)
@@ -239,6 +246,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         decoder=ComponentSpec(name="mar-h"),
         head=ComponentSpec(name="mlp-adaln-h"),
         backbone=ComponentSpec(name="qwen2.5-1.5b-instruct"),
+        understanding_image_size=512,
     ),
     "tiny": dict(
         encoder=ComponentSpec(name="mar-tiny"),

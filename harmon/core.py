@@ -176,10 +176,11 @@ class HarmonCore(ModelMixin, ConfigMixin):
     @property
     def understanding_image_size(self) -> int:
         """Square side understanding images are resized to by default: a pixel encoder's ``image_size``, else the
-        model's ``image_size``."""
+        config's ``understanding_image_size`` (the release's choice per preset: 512 for harmon-1.5b) or
+        ``image_size``."""
         if self.understanding_reads_pixels:
             return int(self.understanding_encoder.image_size)
-        return self.harmon.image_size
+        return self.harmon.understanding_image_size or self.harmon.image_size
 
     def num_understanding_tokens(self, image_size: int | None = None) -> int | None:
         """How many visual embeddings (``<image>`` placeholders) understanding makes for a square image of
@@ -187,7 +188,7 @@ class HarmonCore(ModelMixin, ConfigMixin):
         its own ``image_size``: the pipeline reads it off the features)."""
         if self.understanding_reads_pixels:
             return None
-        side = (image_size or self.harmon.image_size) // self.harmon.latent_stride
+        side = (image_size or self.understanding_image_size) // self.harmon.latent_stride
         buffer = self.understanding_encoder.buffer_size if self.understanding_encoder is not None else self.buffer_size
         return side * side + buffer
 
@@ -283,11 +284,17 @@ def _cache_keyword(decoder_class: type) -> str:
 
 
 def onload(module: nn.Module) -> None:
-    """Run the module's accelerate offload hook as its ``forward`` would (diffusers' ``apply_forward_hook`` for a
-    call that bypasses ``forward``, such as the LLM's decoder without its LM head)."""
+    """Run the module's model-offload hook (accelerate's ``CpuOffload``) as its ``forward`` would — diffusers'
+    ``apply_forward_hook`` for a call that bypasses ``forward``, such as the LLM's decoder without its LM head.
+    Sequential offload needs nothing here: its hooks sit on every leaf module, which are called as usual (running
+    the root's hook by hand would place the whole model and unbalance them)."""
+    from accelerate.hooks import CpuOffload, SequentialHook
+
     hook = getattr(module, "_hf_hook", None)
-    if hook is not None and hasattr(hook, "pre_forward"):
-        hook.pre_forward(module)
+    hooks = hook.hooks if isinstance(hook, SequentialHook) else [hook]
+    for one in hooks:
+        if isinstance(one, CpuOffload):
+            one.pre_forward(module)
 
 
 def embed_text(llm: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ import torch
 
 from harmon.model import GUIDANCE_SCHEDULES, SAMPLERS
 from harmon.pipelines.pipeline_harmon import MAX_IMAGE_SIDE
+from harmon.validation import MAX_IMAGES_PER_CALL
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -69,8 +70,9 @@ def build_demo(pipe: HarmonPipeline, *, max_images: int = 4, max_queue: int = 16
                title: str = "Harmon") -> gr.Blocks:
     """The two-tab app over ``pipe`` (not launched). ``max_images`` bounds the images of one Generate request,
     ``max_queue`` the requests waiting in the queue (more are refused with a message)."""
-    if not isinstance(max_images, int) or max_images < 1:
-        raise ValueError(f"max_images must be a positive int, got {max_images!r}")
+    if not isinstance(max_images, int) or not 1 <= max_images <= MAX_IMAGES_PER_CALL:
+        raise ValueError(f"max_images must be an int in [1, {MAX_IMAGES_PER_CALL}] (the pipeline's limit per call), "
+                         f"got {max_images!r}")
     if not isinstance(max_queue, int) or max_queue < 1:
         raise ValueError(f"max_queue must be a positive int, got {max_queue!r}")
     gr = _gradio()
@@ -80,7 +82,7 @@ def build_demo(pipe: HarmonPipeline, *, max_images: int = 4, max_queue: int = 16
     context = pipe.llm.config.max_position_embeddings
 
     def generate(prompt, negative_prompt, width, height, steps, guidance_scale, guidance_schedule, temperature,
-                 sampler, head_steps, seed, random_seed, num_images, progress=gr.Progress()):
+                 sampler, head_steps, seed, random_seed, num_images, condition_image=None, progress=gr.Progress()):
         seed = random.randrange(SEED_RANGE) if random_seed or seed is None else int(seed)
         num_images = int(num_images)
         generators = [torch.Generator().manual_seed(seed + k) for k in range(num_images)]
@@ -90,9 +92,11 @@ def build_demo(pipe: HarmonPipeline, *, max_images: int = 4, max_queue: int = 16
             return callback_kwargs
 
         progress(0, desc="MAR steps")
+        # with an image: generate from its understanding embeddings, the prompt (if any) an instruction after them
+        conditioned = {"image": condition_image, "prompt": (prompt or "").strip() or None} if condition_image else {}
         with _errors_in_page():
             images = pipe(
-                prompt, negative_prompt=negative_prompt or None, width=_optional_int(width),
+                **(conditioned or {"prompt": prompt}), negative_prompt=negative_prompt or None, width=_optional_int(width),
                 height=_optional_int(height), num_inference_steps=_optional_int(steps),
                 guidance_scale=float(guidance_scale), guidance_schedule=guidance_schedule,
                 temperature=float(temperature), num_images_per_prompt=num_images, generator=generators,
@@ -139,6 +143,9 @@ def build_demo(pipe: HarmonPipeline, *, max_images: int = 4, max_queue: int = 16
                         random_seed = gr.Checkbox(False, label="Random seed", elem_id="random-seed")
                         num_images = gr.Slider(1, max_images, value=1, step=1, label="Images",
                                                elem_id="num-images")
+                    condition_image = gr.Image(label="Generate from an image (optional; the prompt becomes an "
+                                               "instruction)", type="pil", sources=["upload", "clipboard"],
+                                               elem_id="condition-image")
                     generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Column(scale=3):
                     gallery = gr.Gallery(label="Images", format="png", columns=2, object_fit="contain", elem_id="gallery",
@@ -168,7 +175,7 @@ def build_demo(pipe: HarmonPipeline, *, max_images: int = 4, max_queue: int = 16
         generate_button.click(
             generate,
             [prompt, negative_prompt, width, height, steps, guidance_scale, guidance_schedule, temperature, sampler,
-             head_steps, seed, random_seed, num_images],
+             head_steps, seed, random_seed, num_images, condition_image],
             [gallery, used_seed], api_name="generate", **shared,
         )
         describe_button.click(

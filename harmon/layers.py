@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 
 import torch
@@ -53,6 +54,25 @@ def vit_blocks(
     )
 
 
+@contextlib.contextmanager
+def live_weights(module: nn.Module, device: torch.device):
+    """A context in which ``module``'s parameters (recursively) are real tensors on ``device``, for code that reads
+    them directly instead of calling the module: a no-op normally; under accelerate's sequential offload (weights
+    on the meta device between forwards) accelerate's ``align_module_device`` brings each submodule's in for the
+    block (it handles one module's own tensors, hence the stack)."""
+    offloaded = [m for m in module.modules() if hasattr(m, "_hf_hook")]
+    if not offloaded:
+        yield
+        return
+    from accelerate.utils import align_module_device, has_offloaded_params
+
+    with contextlib.ExitStack() as stack:
+        for sub in offloaded:
+            if has_offloaded_params(sub):
+                stack.enter_context(align_module_device(sub, device))
+        yield
+
+
 def vit_block_at(block: nn.Module, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor | None:
     """A timm ViT ``block`` evaluated at some positions only: ``x (B, N, D)``, ``index (B, P)`` → the rows
     ``block(x)[b, index[b]]`` as ``(B, P, D)``, equal to them to float round-off.
@@ -76,10 +96,11 @@ def vit_block_at(block: nn.Module, x: torch.Tensor, index: torch.Tensor) -> torc
     h = block.norm1(x)
     where = index[..., None].expand(-1, -1, dim)
     h_at, x_at = h.gather(1, where), x.gather(1, where)
-    w_q, w_kv = attn.qkv.weight.split([attn_dim, 2 * attn_dim])
-    b_q, b_kv = attn.qkv.bias.split([attn_dim, 2 * attn_dim]) if attn.qkv.bias is not None else (None, None)
-    q = F.linear(h_at, w_q, b_q).view(batch, count, heads, head_dim).transpose(1, 2)
-    k, v = F.linear(h, w_kv, b_kv).view(batch, length, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    with live_weights(attn.qkv, x.device):  # the projection's weights are read directly, split into q and kv
+        w_q, w_kv = attn.qkv.weight.split([attn_dim, 2 * attn_dim])
+        b_q, b_kv = attn.qkv.bias.split([attn_dim, 2 * attn_dim]) if attn.qkv.bias is not None else (None, None)
+        q = F.linear(h_at, w_q, b_q).view(batch, count, heads, head_dim).transpose(1, 2)
+        k, v = F.linear(h, w_kv, b_kv).view(batch, length, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
     out = attn.norm(out.transpose(1, 2).reshape(batch, count, attn_dim))

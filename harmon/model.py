@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_model
+from safetensors.torch import save_model
 from torch import nn
 from transformers import DynamicCache
 
-from harmon.checkpoints import load_state_dict_strict
+from harmon.checkpoints import load_state_dict_strict, read_state_dict
 from harmon.configs import HarmonConfig
 from harmon.encoders.common import saved_weights_follow
 from harmon.core import (
@@ -182,7 +182,7 @@ class HarmonModel(nn.Module):
                 raise FileNotFoundError(f"{folder} is not a saved HarmonModel: {path.name} is missing")
         with saved_weights_follow():  # components' own pretrained weights are in the file: skip loading them
             model = cls.from_config(HarmonConfig.model_validate_json(config_path.read_text()))
-        state_dict = load_file(str(weights_path))
+        state_dict = read_state_dict(weights_path)  # a truncated file is named
         _restore_tied_weights(model, state_dict)
         load_state_dict_strict(model, state_dict, str(weights_path))
         return model.eval()
@@ -390,3 +390,41 @@ class HarmonModel(nn.Module):
             raise ValueError("labels hold no answer token (all are negative)")
         logits = self.llm.get_output_embeddings()(hidden[keep])
         return F.cross_entropy(logits.float(), labels[keep])
+
+    def reconstruction_loss(
+        self,
+        tokens: torch.Tensor | None,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_token_id: int,
+        *,
+        pixels: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """RecA's reconstruction loss (Xie et al., 2025, arXiv 2509.07295): the text→image diffusion loss on the
+        masked tokens of an image, conditioned on the model's *own understanding embeddings* of that image.
+
+        The image goes through the understanding path (:meth:`understanding_embeddings`: shared, the MAR encoder
+        with nothing masked and ``proj_in``; decoupled, the understanding encoder and its connector) with the
+        gradient scaled by ``config.visual_grad_scale`` as in :meth:`image_to_text_loss`; the embeddings replace
+        the ``image_token_id`` placeholders of ``input_ids`` (:meth:`splice_image_embeddings`); that prompt
+        conditions the masked-autoregressive loss of :meth:`text_to_image_loss` on the image's VAE ``tokens``
+        ``(B, m, n, C)``. ``pixels`` are needed by a decoupled pixel encoder (and are VAE-encoded when ``tokens``
+        is None)."""
+        if tokens is None:
+            if pixels is None:
+                raise ValueError("reconstruction_loss needs the image: pass tokens (encode_image) or pixels")
+            tokens = self.encode_image(pixels.to(self.device))
+        z_understanding = self.understanding_embeddings(pixels, tokens=tokens)
+        z_understanding = scale_gradient(z_understanding, self.config.visual_grad_scale)
+        prompt_embeds = self.splice_image_embeddings(input_ids, z_understanding, image_token_id)
+        batch, m, n, channels = tokens.shape
+        if mask is None:
+            mask = self.random_training_mask(batch, m * n, generator)
+        x_enc = self.encoder_step(tokens, mask, attention_mask.to(self.device), prompt_embeds=prompt_embeds)
+        z = self.decoder(x_enc, mask, (m, n))
+        repeats = self.head.config.diffusion_batch_mul
+        target = tokens.reshape(batch * m * n, channels).repeat(repeats, 1)
+        z = z.reshape(batch * m * n, -1).repeat(repeats, 1)
+        return self.head.loss(target, z, mask.reshape(-1).repeat(repeats), generator=generator)

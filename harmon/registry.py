@@ -140,9 +140,13 @@ class Registry(Generic[T]):
             raise ValueError(f"{self.role} registry: a name must be a non-empty string, got {name!r}")
         if not inspect.isclass(component):
             raise InterfaceError(f"{self.role} registry: {name!r} must register a class, got {component!r}")
-        if name in self._entries and not override and self._entries[name].component is not component:
+        existing = self._entries.get(name)
+        same = existing is not None and (existing.component, existing.defaults, existing.explicit_config_class,
+                                         existing.builder) == (component, defaults, config_class, builder)
+        if existing is not None and not override and not same:  # only an identical re-registration is a no-op
+            what = "" if existing.component is not component else f" with defaults {existing.defaults}"
             raise DuplicateComponentError(
-                f"{self.role} {name!r} is already registered to {self._entries[name].component.__qualname__}; "
+                f"{self.role} {name!r} is already registered to {existing.component.__qualname__}{what}; "
                 "pass override=True to replace it"
             )
         if self.interface is not None:
@@ -165,6 +169,8 @@ class Registry(Generic[T]):
 
     # lookup -----------------------------------------------------------------------------------------------------
     def _lookup(self, name: str) -> RegistryEntry:
+        if not isinstance(name, str):
+            raise TypeError(f"{self.role} name must be a string, got {type(name).__name__} {name!r}")
         load_plugins()
         try:
             return self._entries[name]
@@ -200,6 +206,8 @@ class Registry(Generic[T]):
 
     def list(self, pattern: str = "*") -> list[str]:
         """Sorted registered names matching a shell-style wildcard ``pattern``."""
+        if not isinstance(pattern, str):
+            raise TypeError(f"{self.role} name pattern must be a string, got {type(pattern).__name__} {pattern!r}")
         load_plugins()
         return sorted(n for n in self._entries if fnmatch.fnmatchcase(n, pattern))
 

@@ -62,6 +62,16 @@ def tiny_model(seed: int = 0, sane_head: bool = True, understanding_encoder=None
     return model.eval()
 
 
+def tiny_pipeline(seed: int = 0):
+    """A :class:`~harmon.pipelines.HarmonPipeline` over :func:`tiny_model` and :func:`tiny_tokenizer`, progress bar
+    off."""
+    from harmon.pipelines import HarmonPipeline
+
+    pipe = HarmonPipeline.from_model(tiny_model(seed), tiny_tokenizer())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def generate_tokens(
     model,
     input_ids: torch.Tensor,
@@ -94,7 +104,7 @@ def generate_tokens(
     return latents_to_tokens(latents, model.config.patch_size)
 
 
-__all__ = ["SPECIAL_TOKENS", "generate_tokens", "prompt_rows", "tiny_model", "tiny_tokenizer"]
+__all__ = ["SPECIAL_TOKENS", "generate_tokens", "prompt_rows", "tiny_model", "tiny_pipeline", "tiny_tokenizer"]
 
 
 def prompt_rows(

@@ -56,6 +56,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"invalid training config {args.config}:\n{error}", file=sys.stderr)
         return 2
     if args.check:
+        from harmon.training.data import MultiTaskDataset
+        from harmon.training.synthetic import shapes_dataset_complete
+
+        synthetic_to_write = config.data.synthetic is not None and not shapes_dataset_complete(config.data.root)
+        try:
+            if not synthetic_to_write:  # (synthetic data not yet written: nothing to read)
+                MultiTaskDataset(config.data)  # reads every record index up front: a bad line is named file:line
+        except (ValueError, KeyError, OSError) as error:
+            print(f"invalid training data for {args.config}: {error}", file=sys.stderr)
+            return 2
         print(f"{args.config}: valid")
         return 0
 
@@ -63,19 +73,23 @@ def main(argv: list[str] | None = None) -> int:
 
     from harmon.training.checkpointing import CheckpointError
     from harmon.training.guards import LaunchError, OutputDirError
-    from harmon.training.trainer import train
+    from harmon.training.trainer import Trainer
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     apply_threads(args.threads)
 
     try:
-        result = train(config, resume=args.resume, stop_after=args.stop_after, overwrite=args.overwrite)
+        trainer = Trainer(config, resume=args.resume, stop_after=args.stop_after, overwrite=args.overwrite)
     except CheckpointError as error:
         print(f"cannot resume: {error}", file=sys.stderr)
         return 3
     except (OutputDirError, LaunchError) as error:
         print(f"python -m harmon.train: error: {error}", file=sys.stderr)
         return 2
+    except (ValueError, KeyError, OSError) as error:  # the data or the model's files, before any step
+        print(f"python -m harmon.train: error: cannot start training from {args.config}: {error}", file=sys.stderr)
+        return 2
+    result = trainer.train()
     if result.stopped_early:
         print(f"stopped at step {result.step}; checkpoint {result.checkpoint}")
     else:

@@ -168,7 +168,7 @@ def test_full_configurations_are_the_paper_scale_recipes(tmp_path):
         assert all(r.config.data.ratios.text_to_image == 0 for r in plan.runs)
     ratios = {p.name: p.runs[0].config.data.ratios.as_dict() for p in plans["unified"]}
     assert ratios["und_only"]["text_to_image"] == 0 and ratios["gen_only"]["image_to_text"] == 0
-    assert ratios["unified"] == {"text": 1, "image_to_text": 3, "text_to_image": 8}
+    assert ratios["unified"] == {"text": 1, "image_to_text": 3, "text_to_image": 8, "reconstruction": 0}
     stages = {p.name: [r.stage for r in p.runs] for p in plans["stages"]}
     assert stages == {"all": ["stage1", "stage2", "stage3"], "no_stage1": ["stage2", "stage3"],
                       "no_stage2": ["stage1", "stage3"], "no_stage3": ["stage1", "stage2"]}

@@ -46,6 +46,31 @@ def test_generate_is_seeded(pipeline_dir, tmp_path):
     assert a == PIL.Image.open(tmp_path / "b" / "00000_0.png").tobytes()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU launch; with CUDA --multi_gpu uses the GPUs")
+def test_generate_under_a_two_process_cpu_launch_splits_the_prompts(pipeline_dir, tmp_path):
+    """``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m harmon.cli generate``: each process
+    writes its share of the prompts (each prompt once), the same files as one process."""
+    import os
+
+    prompts = ["a red circle", "a blue square", "a green cross"]
+    flags = [arg for p in prompts for arg in ("--prompt", p)] + ["--steps", "2", "--seed", "1"]
+    assert main(["generate", str(pipeline_dir), *flags, "--out", str(tmp_path / "single")]) == 0
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+         "-m", "harmon.cli", "generate", str(pipeline_dir), *flags, "--out", str(tmp_path / "launched")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = sorted(line for line in result.stdout.splitlines() if line[:5].isdigit())
+    assert printed == [f"{i:05d}: {p}" for i, p in enumerate(prompts)]  # every prompt once, not once per process
+    single = sorted(p.name for p in (tmp_path / "single").iterdir())
+    assert sorted(p.name for p in (tmp_path / "launched").iterdir()) == single
+    for name in single:
+        assert (tmp_path / "single" / name).read_bytes() == (tmp_path / "launched" / name).read_bytes(), name
+
+
 def test_generate_with_the_fast_sampler_and_a_bad_head_steps(pipeline_dir, tmp_path, capsys):
     assert main(["generate", str(pipeline_dir), "--prompt", "a cat", "--steps", "2", "--sampler", "fast",
                  "--head-steps", "3", "--out", str(tmp_path / "fast")]) == 0

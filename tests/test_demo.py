@@ -30,6 +30,7 @@ from harmon import cli
 from harmon.demo import PIPELINE_CONCURRENCY_ID, build_demo, launch
 from harmon.pipelines import HarmonPipeline
 from harmon.testing import tiny_model, tiny_tokenizer
+from harmon.validation import MAX_IMAGES_PER_CALL
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -319,6 +320,24 @@ def test_concurrent_requests_queue_and_run_one_at_a_time(app, monkeypatch):
     assert steps == list(range(1, STEPS + 1)) * 3, f"requests overlapped: {steps}"
 
 
+def test_generate_from_an_image_through_the_api(app, reference, tmp_path):
+    """The Generate tab's optional image: the gallery holds what ``pipe(image=..., prompt=instruction)`` returns."""
+    from gradio_client import Client, handle_file
+
+    path = tmp_path / "condition.png"
+    PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+    client = Client(app[1], verbose=False)
+    gallery, seed = client.predict(
+        prompt="Keep it.", negative_prompt="", width=64, height=64, steps=STEPS, guidance_scale=3.0,
+        guidance_schedule="constant", temperature=1.0, sampler="exact", head_steps=0, seed=7, random_seed=False,
+        num_images=1, condition_image=handle_file(str(path)), api_name="/generate",
+    )
+    expected = reference(image=PIL.Image.open(path).convert("RGB"), prompt="Keep it.", width=64, height=64,
+                         num_inference_steps=STEPS, generator=seeded(7)).images[0]
+    shown = PIL.Image.open(gallery[0]["image"]).convert("RGB")
+    assert seed == 7 and np.array_equal(np.asarray(shown), np.asarray(expected))
+
+
 def test_both_tabs_share_one_queue_slot_and_the_queue_is_bounded():
     demo = build_demo(HarmonPipeline.from_model(tiny_model(), tiny_tokenizer()), max_queue=3)
     functions = {fn.name: fn for fn in demo.fns.values()}
@@ -327,13 +346,14 @@ def test_both_tabs_share_one_queue_slot_and_the_queue_is_bounded():
     assert demo._queue.max_size == 3
 
 
-@pytest.mark.parametrize("name", ["max_images", "max_queue"])
-def test_build_demo_rejects_a_bad_bound_naming_it(name):
+@pytest.mark.parametrize(("name", "value"), [("max_images", 0), ("max_images", MAX_IMAGES_PER_CALL + 1),
+                                             ("max_queue", 0)])
+def test_build_demo_rejects_a_bad_bound_naming_it(name, value):
     with pytest.raises(ValueError, match=name):
-        build_demo(HarmonPipeline.from_model(tiny_model(), tiny_tokenizer()), **{name: 0})
+        build_demo(HarmonPipeline.from_model(tiny_model(), tiny_tokenizer()), **{name: value})
 
 
-def test_cli_demo_verb_passes_its_options_to_launch(monkeypatch):
+def test_cli_demo_verb_passes_its_options_to_launch(monkeypatch, capsys):
     calls = []
     monkeypatch.setattr("harmon.demo.launch", lambda pipeline, **options: calls.append((pipeline, options)))
     assert cli.main(["demo"]) == 0
@@ -345,6 +365,9 @@ def test_cli_demo_verb_passes_its_options_to_launch(monkeypatch):
     assert folder == "my-folder"
     assert options == {"host": "0.0.0.0", "port": 8000, "share": True, "device": "cuda", "dtype": torch.bfloat16,
                        "cpu_offload": True, "max_images": 2, "max_queue": 5}
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--max-images", "0"])
+    assert "--max-images: must be at least 1" in capsys.readouterr().err
 
 
 def test_without_gradio_the_cli_says_which_extra_to_install(monkeypatch, pipe_folder):

@@ -44,7 +44,7 @@ def pixels(pipe, seed=0, **kwargs):
 # ------------------------------------------------------------------------------------------- save / load
 def test_save_writes_a_standard_diffusers_folder(saved):
     index = json.loads((saved / "model_index.json").read_text())
-    assert index["_class_name"] == "HarmonPipeline"
+    assert index["_class_name"] == ["harmon_pipeline", "HarmonPipeline"]
     assert index["harmon"] == ["harmon.core", "HarmonCore"] and index["vae"] == ["diffusers", "AutoencoderKL"]
     assert index["scheduler"] == ["harmon.schedulers.scheduling_adm", "ADMScheduler"]
     assert index["processor"] == ["harmon.pipelines.processing_harmon", "HarmonProcessor"]

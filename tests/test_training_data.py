@@ -69,7 +69,7 @@ def test_stage_recipes_carry_the_paper_settings(stage, size):
     assert config.data.image_size == image_size
     assert config.training.global_batch_size == batch
     assert config.training.max_steps == 50_000
-    assert tuple(config.data.ratios.as_dict()[t] for t in TASKS) == ratios
+    assert tuple(config.data.ratios.as_dict()[t] for t in TASKS) == (*ratios, 0)  # no reconstruction
     assert config.training.gradient_checkpointing and config.training.mixed_precision == "auto"
     assert (config.model.preset == f"harmon-{size}") == (stage == 1)
 
@@ -225,7 +225,8 @@ def test_release_layout_llava_and_text_sources_load(tmp_path):
         "text_to_image": [{"format": "caption", "data_info": "data_info.json"}],
     })
     dataset = MultiTaskDataset(data)
-    assert {t: dataset.task_size(t) for t in TASKS} == {"text": 6, "image_to_text": 12, "text_to_image": 6}
+    assert {t: dataset.task_size(t) for t in TASKS} == {"text": 6, "image_to_text": 12, "text_to_image": 6,
+                                                               "reconstruction": 0}
     sample = dataset[("text_to_image", 0, 0)]
     caption = json.loads((tmp_path / "annotations" / "00000.json").read_text())["caption"]
     assert sample["caption"] == caption and sample["pixels"].shape == (3, 64, 64)

@@ -114,32 +114,18 @@ class EvalContext:
             yield self.collator()(chunk), [s["turns"][0] for s in chunk]
 
     def greedy_answers(self, pixels: torch.Tensor, questions: list[str], max_new_tokens: int) -> list[str]:
-        """Greedy answers through the model's understanding API, as ``HarmonPipeline.understand`` builds them
-        (chat prompt with the placeholders, left padding, ``<|im_end|>`` / ``<|endoftext|>`` stop), from pixels
-        already prepared as the training data prepares them."""
-        model, tokenizer = self.model, self.tokenizer
+        """Greedy answers through the model's understanding API with the prompt contract of
+        ``HarmonPipeline.understand`` (its :class:`~harmon.pipelines.HarmonProcessor`: chat prompt with the
+        placeholders, left padding, ``<|im_end|>`` / ``<|endoftext|>`` stop), from pixels already prepared as the
+        training data prepares them."""
+        model, processor = self.model, self.collator().processor
         embeds = model.image_embeddings(pixels.to(self.device))
-        template = model.config.prompt_template.instruction
-        image_token = tokenizer.convert_ids_to_tokens(self.image_token_id)
-        rows = []
-        for question in questions:
-            ids = tokenizer(template.format(input=f"{image_token}\n{question}"), add_special_tokens=False).input_ids
-            at = ids.index(self.image_token_id)
-            rows.append(ids[:at] + [self.image_token_id] * embeds.shape[1] + ids[at + 1:])
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        length = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, length - len(row):] = torch.tensor(row)
-            attention_mask[i, length - len(row):] = 1
-        inputs_embeds = model.splice_image_embeddings(input_ids, embeds, self.image_token_id)
-        stop = [tokenizer.eos_token_id]
-        end_of_text = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-        if isinstance(end_of_text, int) and end_of_text != tokenizer.unk_token_id and end_of_text not in stop:
-            stop.append(end_of_text)
+        input_ids, attention_mask = processor.understanding_inputs(questions, embeds.shape[1])
+        inputs_embeds = model.splice_image_embeddings(input_ids, embeds, processor.image_token_id)
         new_ids = model.answer(inputs_embeds, attention_mask.to(self.device), max_new_tokens=max_new_tokens,
-                               do_sample=False, eos_token_id=stop, pad_token_id=pad_id)
+                               do_sample=False, eos_token_id=processor.stop_token_ids,
+                               pad_token_id=processor.pad_token_id)
+        tokenizer = processor.tokenizer
         return [a.strip() for a in tokenizer.batch_decode(new_ids, skip_special_tokens=True)]
 
     def pipeline(self):

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from transformers import Qwen2Config, Qwen2ForCausalLM
 from transformers.utils import is_flash_attn_2_available
 
@@ -18,9 +18,10 @@ from harmon.registry import BACKBONES
 
 
 class QwenBackboneConfig(BaseModel):
-    """The Qwen2 architecture fields Harmon uses (everything else keeps transformers' defaults)."""
+    """The Qwen2 architecture fields Harmon uses (everything else keeps transformers' defaults). Numbers are
+    strict (``"64"`` or ``True`` is no size) and the attention shape is checked, each error naming its field."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     vocab_size: PositiveInt = 151936
     hidden_size: PositiveInt = 896
@@ -33,6 +34,25 @@ class QwenBackboneConfig(BaseModel):
     rms_norm_eps: float = Field(1e-6, gt=0)
     tie_word_embeddings: bool = True
     attn_implementation: str = Field("auto", pattern="^(auto|sdpa|eager|flash_attention_2)$")
+
+    @model_validator(mode="after")
+    def _attention_shape(self) -> "QwenBackboneConfig":
+        # transformers accepts these and fails (or silently mis-shapes) only at the first forward
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads})"
+            )
+        if (self.hidden_size // self.num_attention_heads) % 2:
+            raise ValueError(
+                f"hidden_size / num_attention_heads ({self.hidden_size // self.num_attention_heads}) must be even "
+                "(rotary position embedding)"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be divisible by num_key_value_heads "
+                f"({self.num_key_value_heads})"
+            )
+        return self
 
     def to_transformers(self) -> Qwen2Config:
         fields = self.model_dump(exclude={"attn_implementation", "rope_theta"})

@@ -8,14 +8,13 @@ device between calls) the weights are brought in for the call with accelerate's 
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from harmon.interfaces import RandomSource
+from harmon.layers import live_weights
 from harmon.schedulers import ADMScheduler
 
 
@@ -236,7 +235,7 @@ class FusedAncestralSampler:
     ) -> torch.Tensor:
         """Same contract as :meth:`MLPAdaLNDiffusionHead.sample`: conditions ``c (N, D')`` → tokens ``(N, C)``."""
         device = c.device
-        with _live_weights(self.net, device):
+        with live_weights(self.net, device):
             dtype = self.net.cond_embed.weight.dtype
             weights = self._weight_constants(device, dtype)
             coefficients, coupling = self._schedule_constants(device, dtype)
@@ -284,16 +283,6 @@ class FusedAncestralSampler:
 
 def _is_offloaded(module: nn.Module) -> bool:
     return any(hasattr(m, "_hf_hook") for m in module.modules())
-
-
-def _live_weights(module: nn.Module, device: torch.device):
-    """The module's weights on ``device`` for the duration of the block when accelerate hooks offload them
-    (sequential CPU offload keeps them on the meta device between forwards); otherwise nothing to do."""
-    if not _is_offloaded(module):
-        return contextlib.nullcontext()
-    from accelerate.utils import align_module_device
-
-    return align_module_device(module, device)
 
 
 def default_random_source(random_source: RandomSource | None) -> RandomSource:

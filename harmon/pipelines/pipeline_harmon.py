@@ -9,6 +9,7 @@ The pipeline owns the masked-autoregressive sampling loop (``__call__``): valida
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -17,21 +18,28 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from transformers import PreTrainedModel
 
+from harmon.checkpoints import IncompleteFolderError, check_pipeline_folder, read_json_file
 from harmon.core import HarmonCore, prefill, splice_image_embeddings, through_llm
 from harmon.encoders.common import fail_fast_for_hub_id, saved_weights_follow
 from harmon.heads.diffusion import adm_scheduler_for
+from harmon.image_conditioning import image_generation_rows, image_prompt_embeddings, prefill_embeddings
 from harmon.latents import latents_to_tokens, tokens_to_latents, vae_encode
 from harmon.model import GUIDANCE_SCHEDULES, SAMPLERS, HarmonModel, mask_schedule
 from harmon.pipelines.image_processing import ImageInput, postprocessor
 from harmon.pipelines.processing_harmon import IMAGE_TOKEN, HarmonProcessor
 from harmon.randomness import as_random_source
 from harmon.schedulers import ADMScheduler
+from harmon.validation import check_generation_arguments, check_understanding_arguments
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 MAX_IMAGE_SIDE = 4096
 DEFAULT_MAR_STEPS = 64
+# the module a saved folder carries so that diffusers' generic loader resolves the class (see save_pretrained)
+PIPELINE_MODULE = "harmon_pipeline"
+PIPELINE_MODULE_SOURCE = "from harmon.pipelines.pipeline_harmon import HarmonPipeline  # noqa: F401\n"
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -156,14 +164,15 @@ class HarmonPipeline(DiffusionPipeline):
         if not path.is_dir():
             _fail_for_unreachable_hub_id(str(pretrained_model_name_or_path))
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        index = path / "model_index.json"
-        if not index.is_file():
-            raise ValueError(f"{path} is not a Harmon pipeline folder: model_index.json is missing")
-        class_name = json.loads(index.read_text()).get("_class_name")
-        if isinstance(class_name, list):  # ["harmon_pipeline", "HarmonPipeline"]: diffusers' custom-class form
-            class_name = class_name[-1]
-        if class_name != cls.__name__:
-            raise ValueError(f"{path} holds a {class_name!r} pipeline, not a {cls.__name__}")
+        # every component strictly, before loading (harmon.checkpoints): transformers would re-initialise a
+        # missing LLM tensor; errors name the file and the keys
+        check_pipeline_folder(path, cls.__name__, list(inspect.signature(cls.__init__).parameters)[1:],
+                              build={"harmon": _meta_core}, variant=kwargs.get("variant"))
+        stub = path / f"{PIPELINE_MODULE}.py"
+        if stub.is_file():
+            if stub.read_text() != PIPELINE_MODULE_SOURCE:
+                raise ValueError(f"{stub} is not the file HarmonPipeline.save_pretrained writes; refusing to run it")
+            kwargs.setdefault("trust_remote_code", True)  # the one-line re-export checked above, nothing else
         attn_implementation = kwargs.pop("attn_implementation", None)
         if "torch_dtype" in kwargs:  # diffusers' older spelling
             kwargs["dtype"] = kwargs.pop("torch_dtype")
@@ -172,6 +181,22 @@ class HarmonPipeline(DiffusionPipeline):
         if attn_implementation is not None:
             pipe.set_attn_implementation(attn_implementation)
         return pipe
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """diffusers' ``save_pretrained`` (``safe_serialization``, ``variant``, ``max_shard_size`` all apply to
+        every component), plus what lets diffusers' generic loader find this class: ``model_index.json`` names it
+        in diffusers' custom-pipeline form ``["harmon_pipeline", "HarmonPipeline"]`` and the folder gets that
+        one-line module (``from harmon.pipelines.pipeline_harmon import HarmonPipeline``), so
+        ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` returns a :class:`HarmonPipeline`
+        (diffusers asks ``trust_remote_code`` for any code file in a folder; ``HarmonPipeline.from_pretrained``
+        checks the file is exactly that line and needs no flag)."""
+        super().save_pretrained(save_directory, **kwargs)
+        folder = Path(save_directory)
+        (folder / f"{PIPELINE_MODULE}.py").write_text(PIPELINE_MODULE_SOURCE)
+        index_path = folder / "model_index.json"
+        index = json.loads(index_path.read_text())
+        index["_class_name"] = [PIPELINE_MODULE, type(self).__name__]
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
     # ------------------------------------------------------------------------------------------ offloading
     def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None) -> None:
@@ -184,6 +209,27 @@ class HarmonPipeline(DiffusionPipeline):
         hook = getattr(self.harmon, "_hf_hook", None)
         if hook is not None and hasattr(hook, "prev_module_hook"):
             hook.prev_module_hook = None
+
+    def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None) -> None:
+        """diffusers' sequential offload (every leaf module's weights on the meta device until it runs; raises
+        without an accelerator unless ``device`` is given). The fused head sampler reads the weights at call time
+        through accelerate's ``align_module_device``, so it works under it too.
+
+        On a CPU ``device`` diffusers sets the hooks' execution device to ``cpu:0``, on which accelerate's hooks fail
+        (``set_module_tensor_to_device`` no longer recognises the tensors as already placed); the hooks are pointed
+        at plain ``cpu`` instead, which is the same device."""
+        super().enable_sequential_cpu_offload(gpu_id=gpu_id, device=device)
+        if self._offload_device.type == "cpu":
+            from accelerate.hooks import AlignDevicesHook
+
+            cpu = torch.device("cpu")
+            self._offload_device = cpu
+            for component in self.components.values():
+                if isinstance(component, torch.nn.Module):
+                    for module in component.modules():
+                        hook = getattr(module, "_hf_hook", None)
+                        if isinstance(hook, AlignDevicesHook):
+                            hook.execution_device = cpu
 
     def set_attn_implementation(self, attn_implementation: str) -> None:
         """``sdpa`` | ``eager`` | ``flash_attention_2`` | ``auto`` (flash-attn 2 on CUDA when installed)."""
@@ -228,10 +274,15 @@ class HarmonPipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs: Sequence[str] = ("tokens",),
         prompt_input_ids: torch.Tensor | None = None,
         prompt_attention_mask: torch.Tensor | None = None,
-    ) -> list[str] | None:
-        """Validate the arguments of ``__call__``; return the prompts as a list (``None`` for prompt ids)."""
+        image: ImageInput | Sequence[ImageInput] | None = None,
+    ) -> list[str] | list[str | None] | None:
+        """Validate the arguments of ``__call__``; return the prompts as a list (``None`` for prompt ids; with
+        ``image``, one instruction or ``None`` per image)."""
         prompts = None
-        if prompt_input_ids is not None:
+        if image is not None:
+            prompts = self._check_image_inputs(image, prompt, negative_prompt, prompt_input_ids)
+            images = len(prompts) * num_images_per_prompt if isinstance(num_images_per_prompt, int) else 0
+        elif prompt_input_ids is not None:
             if prompt is not None:
                 raise ValueError("prompt: give either prompt or prompt_input_ids, not both")
             if prompt_attention_mask is None or prompt_attention_mask.shape != prompt_input_ids.shape:
@@ -309,7 +360,75 @@ class HarmonPipeline(DiffusionPipeline):
             )
         return list(prompts) if prompts is not None else None
 
+    @staticmethod
+    def _check_image_inputs(image, prompt, negative_prompt, prompt_input_ids) -> list[str | None]:
+        """Image-conditioned generation: one instruction (or ``None``) per image."""
+        if prompt_input_ids is not None:
+            raise ValueError("image: give either image or prompt_input_ids, not both")
+        images = list(image) if isinstance(image, (list, tuple)) else [image]
+        if not images:
+            raise ValueError("image: the list of images is empty")
+        if prompt is None:
+            instructions = [None] * len(images)
+        elif isinstance(prompt, str):
+            instructions = [prompt] * len(images)
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(p, str) or p is None for p in prompt):
+            if len(prompt) != len(images):
+                raise ValueError(f"prompt: got {len(prompt)} instructions for {len(images)} images")
+            instructions = list(prompt)
+        else:
+            raise TypeError(f"prompt must be None, a string or a list of strings, got {type(prompt).__name__}")
+        empty = [i for i, p in enumerate(instructions) if p is not None and not p.strip()]
+        if empty:
+            raise ValueError(f"prompt: instruction(s) {empty} are empty (pass None for no instruction)")
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            if not isinstance(negative_prompt, (list, tuple)) or len(negative_prompt) != len(images):
+                raise ValueError("negative_prompt: give one string, or one per image")
+        return instructions
+
     # ------------------------------------------------------------------------------------------ prompts
+    def image_embeddings(
+        self, image: ImageInput | Sequence[ImageInput], image_size: int | None = None
+    ) -> torch.Tensor:
+        """The understanding path's LLM-side embeddings ``(B, N, H)`` of images (PIL, arrays, tensors, paths):
+        EXIF-oriented, gray-padded to a square and resized to ``image_size`` (default: the processor's; a pixel
+        encoder: its own), then VAE → encoder → ``proj_in`` (shared) or the understanding encoder (decoupled)."""
+        core = self.harmon
+        images = list(image) if isinstance(image, (list, tuple)) else [image]
+        pixels = self.processor.preprocess_images(images, self._understanding_size(image_size))
+        pixels = pixels.to(self._execution_device, core.dtype)
+        if core.understanding_reads_pixels:
+            return core.understanding_features(pixels=pixels)
+        latents = vae_encode(self.vae, pixels, self.vae.config.scaling_factor)
+        return core.understanding_features(tokens=latents_to_tokens(latents, core.harmon.patch_size).to(core.dtype))
+
+    def encode_image_prompt(
+        self,
+        images: Sequence[ImageInput],
+        instructions: list[str | None],
+        negative_prompt: str | list[str] | None,
+        num_images_per_prompt: int,
+        do_classifier_free_guidance: bool,
+        num_image_tokens: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prompt rows for generation from images (RecA's inference side), as ``(input_ids, attention_mask,
+        inputs_embeds)``: each image's understanding embeddings (:meth:`image_embeddings`) where a text prompt
+        holds its caption (``"Generate an image: " + <image> [+ "\n" + instruction]``,
+        :func:`harmon.image_conditioning.image_generation_rows`), the unconditional rows as for text → image."""
+        image_embeds = self.image_embeddings(images)
+        input_ids, attention_mask = image_generation_rows(
+            self.processor, instructions, image_embeds.shape[1], negative_prompt, num_images_per_prompt,
+            do_classifier_free_guidance,
+        )
+        self._check_context(input_ids.shape[1], num_image_tokens + self.harmon.buffer_size)
+        device = self._execution_device
+        input_ids = input_ids.to(device)
+        inputs_embeds = image_prompt_embeddings(
+            self.llm, input_ids, image_embeds.repeat_interleave(num_images_per_prompt, dim=0),
+            self.processor.image_token_id, len(instructions) * num_images_per_prompt,
+        )
+        return input_ids, attention_mask.to(device), inputs_embeds
+
     def encode_prompt(
         self,
         prompts: list[str],
@@ -375,8 +494,9 @@ class HarmonPipeline(DiffusionPipeline):
         prompt_attention_mask: torch.Tensor | None = None,
         random_source=None,
         compile_head: bool = False,
+        image: ImageInput | Sequence[ImageInput] | None = None,
     ) -> ImagePipelineOutput | tuple:
-        r"""Generate images from text.
+        r"""Generate images from text, or from images (``image=``).
 
         Args:
             prompt: the prompt or prompts (wrapped as the original: ``"Generate an image: " + prompt`` in the
@@ -410,7 +530,19 @@ class HarmonPipeline(DiffusionPipeline):
             random_source: a :mod:`harmon.randomness` source for every draw instead of ``generator`` (e.g. a
                 ``ReplayRandomSource`` replaying a recorded run).
             compile_head: ``torch.compile`` the fused head step (CUDA graphs on CUDA).
+            image: generate from images instead (reconstruction / variation, the inference side of RecA): each
+                image's understanding embeddings stand where a text prompt holds its caption; ``prompt`` is then
+                ``None``, one instruction for all, or one (or ``None``) per image, put after the embeddings.
+                ``num_images_per_prompt`` counts per image; everything else is as for text.
         """
+        check_generation_arguments(  # types, finiteness and the batch limit (harmon.validation), before any work
+            prompt=prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale, temperature=temperature,
+            num_images_per_prompt=num_images_per_prompt, num_inference_steps=num_inference_steps,
+            generator=generator, callback_on_step_end=callback_on_step_end, prompt_input_ids=prompt_input_ids,
+            num_conditioning_images=None if image is None else len(image) if isinstance(image, (list, tuple)) else 1,
+        )
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs  # diffusers' callback objects
         core = self.harmon
         config = core.harmon
         height = height if height is not None else config.image_size
@@ -420,7 +552,7 @@ class HarmonPipeline(DiffusionPipeline):
         prompts = self.check_inputs(
             prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, guidance_schedule,
             temperature, num_images_per_prompt, generator, output_type, sampler, head_steps,
-            callback_on_step_end_tensor_inputs, prompt_input_ids, prompt_attention_mask,
+            callback_on_step_end_tensor_inputs, prompt_input_ids, prompt_attention_mask, image,
         )
         self._guidance_scale = float(guidance_scale)
         self._num_timesteps = num_inference_steps
@@ -430,8 +562,14 @@ class HarmonPipeline(DiffusionPipeline):
         m, n = core.latent_grid(height, width)
         seq_len = m * n
 
-        # 1. prompt rows
-        if prompts is not None:
+        # 1. prompt rows (from images: also their embeddings)
+        prompt_embeds = None
+        if image is not None:
+            input_ids, attention_mask, prompt_embeds = self.encode_image_prompt(
+                list(image) if isinstance(image, (list, tuple)) else [image], prompts, negative_prompt,
+                num_images_per_prompt, guided, num_image_tokens=seq_len,
+            )
+        elif prompts is not None:
             input_ids, attention_mask = self.encode_prompt(
                 prompts, negative_prompt, num_images_per_prompt, guided, num_image_tokens=seq_len
             )
@@ -444,7 +582,7 @@ class HarmonPipeline(DiffusionPipeline):
         # 2. prefill, state, randomness
         source = as_random_source(generator, random_source)
         sample_tokens = self.head_sampler(sampler, head_steps, compile_head)
-        cache = prefill(self.llm, input_ids)
+        cache = prefill(self.llm, input_ids) if prompt_embeds is None else prefill_embeddings(self.llm, prompt_embeds)
         prompt_length = cache.get_seq_length()
         dtype = core.dtype
         tokens = torch.zeros(rows, seq_len, config.token_dim, device=device, dtype=dtype)
@@ -550,6 +688,11 @@ class HarmonPipeline(DiffusionPipeline):
         fixed number of features. Greedy decoding by default; ``do_sample=True`` samples, reproducibly for a given
         ``seed``. ``min_new_tokens`` forbids stopping earlier.
         """
+        check_understanding_arguments(  # types, finiteness and the batch limit (harmon.validation), before any work
+            image=image, question=question, max_new_tokens=max_new_tokens, do_sample=do_sample,
+            temperature=temperature, top_p=top_p, seed=seed, min_new_tokens=min_new_tokens,
+            skip_special_tokens=skip_special_tokens,
+        )
         batched = isinstance(question, (list, tuple))
         questions = list(question) if batched else [question]
         images = list(image) if isinstance(image, (list, tuple)) else [image]
@@ -561,15 +704,8 @@ class HarmonPipeline(DiffusionPipeline):
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         if do_sample and not temperature > 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-        core = self.harmon
-        size = self._understanding_size(image_size)
         device = self._execution_device
-        pixels = self.processor.preprocess_images(images, size).to(device, core.dtype)
-        if core.understanding_reads_pixels:
-            image_embeds = core.understanding_features(pixels=pixels)
-        else:
-            latents = vae_encode(self.vae, pixels, self.vae.config.scaling_factor)
-            image_embeds = core.understanding_features(tokens=latents_to_tokens(latents, core.harmon.patch_size).to(core.dtype))
+        image_embeds = self.image_embeddings(images, image_size)
         input_ids, attention_mask = self.processor.understanding_inputs(questions, image_embeds.shape[1])
         length = input_ids.shape[1]
         if length + max_new_tokens > self.llm.config.max_position_embeddings:
@@ -614,6 +750,17 @@ class HarmonPipeline(DiffusionPipeline):
 
 
 # -------------------------------------------------------------------------------------------------- helpers
+def _meta_core(folder: Path) -> HarmonCore:
+    """The saved HarmonCore's modules on the meta device, from its config alone (for the strict weight check)."""
+    config_path = folder / "config.json"
+    harmon_config = read_json_file(config_path, "HarmonCore config").get("harmon_config")
+    try:
+        with torch.device("meta"), saved_weights_follow():
+            return HarmonCore(harmon_config=harmon_config)
+    except (ValueError, TypeError, KeyError) as error:
+        raise IncompleteFolderError(f"{config_path}: its harmon_config is not a valid HarmonConfig ({error})") from None
+
+
 def _fail_for_unreachable_hub_id(name: str) -> None:
     fail_fast_for_hub_id(
         name, "pipeline",

@@ -17,11 +17,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import torch
 
 MANIFEST_NAME = "manifest.json"
 TRAINER_STATE_NAME = "trainer_state.json"
@@ -173,3 +177,67 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 def read_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
     return json.loads((Path(path) / TRAINER_STATE_NAME).read_text())
+
+
+def check_rng_state(path: str | os.PathLike, process_index: int) -> None:
+    """Refuse a checkpoint whose RNG state for ``process_index`` cannot be restored exactly.
+
+    accelerate's ``load_state`` only logs "Could not load random states" and resumes with whatever state it
+    reached, so the run silently stops being the uninterrupted one. This applies the same states accelerate will
+    (Python, numpy, torch CPU, and CUDA when it is available) and puts the current ones back."""
+    from accelerate.utils import load
+    from accelerate.utils.constants import RNG_STATE_NAME
+
+    file = Path(path) / f"{RNG_STATE_NAME}_{process_index}.pkl"
+    if not file.is_file():
+        raise CheckpointError(
+            f"{file} is missing: the checkpoint holds no RNG state for process {process_index} (was it written by "
+            "fewer processes?); refusing to resume inexactly"
+        )
+    current = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    try:
+        states = load(file)
+        needed = ["random_state", "numpy_random_seed", "torch_manual_seed"]
+        if torch.cuda.is_available():
+            needed.append("torch_cuda_manual_seed")
+        missing = [key for key in needed if not isinstance(states, dict) or key not in states]
+        if missing:
+            raise KeyError(f"no {', '.join(missing)}")
+        random.setstate(states["random_state"])
+        np.random.set_state(states["numpy_random_seed"])
+        torch.set_rng_state(states["torch_manual_seed"])
+        if torch.cuda.is_available() and len(states["torch_cuda_manual_seed"]) != torch.cuda.device_count():
+            raise ValueError(
+                f"CUDA states of {len(states['torch_cuda_manual_seed'])} devices for {torch.cuda.device_count()}"
+            )
+    except CheckpointError:
+        raise
+    except Exception as error:  # whatever accelerate would swallow
+        raise CheckpointError(f"{file}: the RNG state cannot be loaded ({error}); refusing to resume inexactly") from None
+    finally:
+        random.setstate(current[0])
+        np.random.set_state(current[1])
+        torch.set_rng_state(current[2])
+
+
+def truncate_metrics(path: str | os.PathLike, step: int) -> int:
+    """Cut a ``metrics.jsonl`` back to the records of steps ``<= step`` (a killed run logged past its last
+    checkpoint; the resumed run logs those steps again). A torn last line is dropped too. Returns the number of
+    lines removed; the file is replaced atomically."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # torn by the kill
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+    return len(lines) - len(kept)

@@ -9,6 +9,13 @@
   expanded to the encoder's ``m·n + buffer_size`` tokens. Labels hold the answer tokens (and their
   ``<|im_end|>``), -100 elsewhere.
 * text: the document's tokens and an end-of-text token; every real token is a label.
+* reconstruction (RecA): ``instruction.format(input=generation_prefix + "<image>" [+ "\n" + instruction])``
+  (:func:`harmon.image_conditioning.image_generation_ids`) with ``<image>`` expanded as for image → text; the
+  same prompt for every sample, never dropped; no labels (the loss is the diffusion loss on the image's tokens).
+
+Prompts are built by :class:`~harmon.pipelines.HarmonProcessor` (the same object the pipeline uses): captions,
+questions, answers and documents are tokenized as text, so a ``<|im_end|>`` or ``<image>`` inside them never becomes
+a control token.
 
 Written by hand: transformers' collators (``DataCollatorForSeq2Seq``, ``DataCollatorWithPadding``) pad, but none
 builds Harmon's prompts, expands the image placeholder or drops captions; padding is three lines here.
@@ -23,6 +30,7 @@ import numpy as np
 import torch
 
 from harmon.configs import PromptTemplate
+from harmon.image_conditioning import image_generation_ids
 
 IGNORE_INDEX = -100
 _DROP_TAG = 0xCF6
@@ -43,20 +51,33 @@ class HarmonCollator:
         cfg_drop_prob: float = 0.1,
         seed: int = 0,
         image_token: str = "<image>",
+        reconstruction_instruction: str = "",
     ) -> None:
+        from harmon.pipelines.processing_harmon import HarmonProcessor
+
         self.tokenizer = tokenizer
         self.image_token_id = int(image_token_id)
         self.image_tokens = int(image_tokens)
         self.template = prompt_template
         if "{input}" not in prompt_template.instruction:
             raise ValueError("the prompt template's instruction has no {input} field")
+        self.processor = HarmonProcessor(
+            tokenizer, instruction=prompt_template.instruction, generation_prefix=generation_prefix,
+            unconditional_prompt=unconditional_prompt, image_token=image_token,
+        )
         self.generation_prefix = generation_prefix
         self.unconditional_prompt = unconditional_prompt
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
         self.cfg_drop_prob, self.seed = cfg_drop_prob, int(seed)
         self.image_token = image_token
+        self.reconstruction_instruction = reconstruction_instruction
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.suffix_ids = self.encode(prompt_template.suffix)
+        if self.processor.image_token_id != self.image_token_id:
+            raise ValueError(
+                f"image_token_id {self.image_token_id} is not the tokenizer's id of {image_token!r} "
+                f"({self.processor.image_token_id})"
+            )
+        self.suffix_ids = self.processor.template_ids(prompt_template.suffix)
         eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
         self.end_of_text_id = eot if isinstance(eot, int) and eot != tokenizer.unk_token_id else tokenizer.eos_token_id
         if self.image_tokens > max_length:
@@ -65,7 +86,8 @@ class HarmonCollator:
             )
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+        """``text`` as text (special-token strings in it stay ordinary tokens)."""
+        return self.processor.text_ids(text)
 
     # ------------------------------------------------------------------------------------------ text → image
     def caption_dropped(self, draw: int) -> bool:
@@ -76,10 +98,8 @@ class HarmonCollator:
     def generation_prompt(self, caption: str) -> list[int]:
         """Token ids of the text-to-image prompt (an empty caption gives the unconditional prompt)."""
         caption = caption.strip()
-        if not caption:
-            return self.encode(self.template.instruction.format(input=self.unconditional_prompt))
-        ids = self.encode(self.template.instruction.format(input=self.generation_prefix + caption))
-        if len(ids) <= self.max_prompt_length:
+        ids = self.processor.generation_prompt(caption)
+        if not caption or len(ids) <= self.max_prompt_length:
             return ids
         # cut the caption (never the template) until the prompt fits
         overflow = len(ids) - self.max_prompt_length
@@ -87,7 +107,7 @@ class HarmonCollator:
         while overflow > 0 and caption_ids:
             caption_ids = caption_ids[: max(0, len(caption_ids) - overflow)]
             text = self.tokenizer.decode(caption_ids).strip()
-            ids = self.encode(self.template.instruction.format(input=self.generation_prefix + text))
+            ids = self.processor.user_turn(self.generation_prefix + text)
             overflow = len(ids) - self.max_prompt_length
         if overflow > 0:
             raise ValueError(f"data.max_prompt_length ({self.max_prompt_length}) cannot hold the prompt template")
@@ -96,14 +116,13 @@ class HarmonCollator:
     # ------------------------------------------------------------------------------------------ image → text
     def conversation(self, turns: Sequence[tuple[str, str]]) -> tuple[list[int], list[int]]:
         """Token ids and labels of a conversation about one image (placeholder expanded)."""
-        head, tail = self.template.instruction.split("{input}", 1)
         ids: list[int] = []
         labels: list[int] = []
+        sep_ids = self.processor.template_ids(self.template.sep)
         for i, (question, answer) in enumerate(turns):
-            if i == 0:
-                question = f"{self.image_token}\n{question}"
-            prompt = (self.template.sep if i else "") + head + question + tail
-            prompt_ids = self._expand_image(self.encode(prompt), first=i == 0)
+            prompt_ids = (sep_ids if i else []) + self.processor.user_turn(
+                question, image_tokens=self.image_tokens if i == 0 else 0
+            )
             answer_ids = self.encode(answer) + self.suffix_ids
             room = self.max_length - len(ids) - len(prompt_ids)
             if room <= 0:
@@ -120,17 +139,17 @@ class HarmonCollator:
                 break
         return ids, labels
 
-    def _expand_image(self, ids: list[int], first: bool) -> list[int]:
-        count = ids.count(self.image_token_id)
-        if count != (1 if first else 0):
+    # ---------------------------------------------------------------------------------------- reconstruction
+    def reconstruction_prompt(self) -> list[int]:
+        """Token ids of the reconstruction prompt, the image placeholder expanded to the image's tokens (the
+        pipeline's image-conditioned prompt, :func:`harmon.image_conditioning.image_generation_ids`)."""
+        ids = image_generation_ids(self.processor, self.image_tokens, self.reconstruction_instruction)
+        if len(ids) > self.max_length:
             raise ValueError(
-                f"expected {'one' if first else 'no'} {self.image_token} token in a prompt, found {count}: "
-                "is the image token a single token of the tokenizer?"
+                f"data.max_length ({self.max_length}) cannot hold the reconstruction prompt ({len(ids)} tokens, "
+                "the image's included)"
             )
-        if not first:
-            return ids
-        at = ids.index(self.image_token_id)
-        return ids[:at] + [self.image_token_id] * self.image_tokens + ids[at + 1:]
+        return ids
 
     # --------------------------------------------------------------------------------------------------- text
     def document(self, text: str) -> list[int]:
@@ -162,6 +181,10 @@ class HarmonCollator:
         elif task == "text":
             rows = [self.document(s["text"]) for s in samples]
             label_rows = rows
+        elif task == "reconstruction":
+            rows = [self.reconstruction_prompt()] * len(samples)
+            batch["pixels"] = torch.stack([s["pixels"] for s in samples])
+            label_rows = None
         else:
             raise ValueError(f"unknown task {task!r}")
         batch["input_ids"] = self.pad(rows, self.pad_id)

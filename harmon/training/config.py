@@ -27,8 +27,10 @@ from pydantic import (
     model_validator,
 )
 
-TASKS = ("text", "image_to_text", "text_to_image")
-"""The three training tasks, in the paper's order (Table 1 gives ratios text : image→text : text→image)."""
+TASKS = ("text", "image_to_text", "text_to_image", "reconstruction")
+"""The training tasks: the paper's three, in its order (Table 1 gives ratios text : image→text : text→image), then
+RecA's reconstruction (generation conditioned on the model's own understanding embeddings of the target image;
+Xie et al., 2025, arXiv 2509.07295). New tasks go at the end: a task's position seeds its sample stream."""
 
 CORE_MODULES = ("encoder", "decoder", "head", "llm", "proj_in", "proj_out")
 OPTIONAL_MODULES = ("understanding_encoder", "understanding_proj_in")
@@ -45,7 +47,7 @@ the decoder's (as the recipes of the paper state), a decoupled understanding enc
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # .nan / .inf in a recipe: refused, named
 
 
 def _check_files(info: ValidationInfo) -> bool:
@@ -136,6 +138,14 @@ class LlavaSource(_Strict):
     image_folder: Path | None = None
 
 
+class ImageFolderSource(_Strict):
+    """A folder of images (``.png``, ``.jpg``, ``.jpeg``, ``.webp``, ``.bmp``; sub-folders included, sorted by
+    path). Feeds ``reconstruction``, which needs images only."""
+
+    format: Literal["images"] = "images"
+    folder: Path
+
+
 class TextSource(_Strict):
     """Plain text: a ``.jsonl`` file of ``{"text": ...}`` objects or a ``.txt`` file, one document per line."""
 
@@ -144,19 +154,24 @@ class TextSource(_Strict):
     text_key: str = "text"
 
 
-_ALLOWED_FORMATS = {"text": ("text",), "image_to_text": ("llava", "caption"), "text_to_image": ("caption",)}
+_ALLOWED_FORMATS = {
+    "text": ("text",), "image_to_text": ("llava", "caption"), "text_to_image": ("caption",),
+    "reconstruction": ("images", "caption", "llava"),  # the images only: captions and conversations are ignored
+}
 
 
 class TaskRatios(_Strict):
-    """Micro-batches of each task per cycle (paper Table 1: 0:1:2, 1:3:8, 1:3:16)."""
+    """Micro-batches of each task per cycle (paper Table 1: 0:1:2, 1:3:8, 1:3:16; RecA on Harmon: reconstruction
+    2 : image→text 2 : text→image 0)."""
 
     text: NonNegativeInt = 0
     image_to_text: NonNegativeInt = 0
     text_to_image: NonNegativeInt = 0
+    reconstruction: NonNegativeInt = 0
 
     @model_validator(mode="after")
     def _not_all_zero(self) -> "TaskRatios":
-        if self.text + self.image_to_text + self.text_to_image == 0:
+        if sum(self.as_dict().values()) == 0:
             raise ValueError("data.ratios: the task ratios sum to 0; give at least one task a positive ratio")
         return self
 
@@ -164,7 +179,7 @@ class TaskRatios(_Strict):
         return {task: getattr(self, task) for task in TASKS}
 
 
-Source = Annotated[CaptionSource | LlavaSource | TextSource, Field(discriminator="format")]
+Source = Annotated[CaptionSource | LlavaSource | TextSource | ImageFolderSource, Field(discriminator="format")]
 
 
 class SyntheticShapes(_Strict):
@@ -185,11 +200,17 @@ class DataConfig(_Strict):
     max_length: PositiveInt = Field(1024, description="tokens per understanding / text sample (image included)")
     max_prompt_length: PositiveInt = Field(128, description="tokens of a text-to-image prompt")
     cfg_drop_prob: float = Field(0.1, ge=0, le=1, description="share of captions replaced by the empty one")
+    reconstruction_instruction: str = Field(
+        "",
+        description="reconstruction prompt: generation_prefix + <image> (+ newline + this text when not empty), "
+        "in the chat template; never dropped for guidance",
+    )
     num_workers: NonNegativeInt = 4
     ratios: TaskRatios
     text: list[Source] = Field(default_factory=list)
     image_to_text: list[Source] = Field(default_factory=list)
     text_to_image: list[Source] = Field(default_factory=list)
+    reconstruction: list[Source] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _sources_fit(self, info: ValidationInfo) -> "DataConfig":
@@ -210,6 +231,10 @@ class DataConfig(_Strict):
             for task in TASKS:
                 for i, source in enumerate(getattr(self, task)):
                     if ratios[task] == 0:
+                        continue
+                    if isinstance(source, ImageFolderSource):
+                        if not self.resolve(source.folder).is_dir():
+                            raise ValueError(f"data.{task}[{i}].folder: folder not found: {self.resolve(source.folder)}")
                         continue
                     field = "data_info" if isinstance(source, CaptionSource) else "path"
                     path = self.resolve(getattr(source, field))
@@ -254,6 +279,7 @@ class LossWeights(_Strict):
     text: NonNegativeFloat = 1.0
     image_to_text: NonNegativeFloat = 1.0
     text_to_image: NonNegativeFloat = 1.0
+    reconstruction: NonNegativeFloat = 1.0
 
 
 class TrainingConfig(_Strict):
@@ -347,7 +373,10 @@ def _split_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ValueError(f"override {text!r}: expected KEY=VALUE")
     key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value)
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as error:
+        raise ValueError(f"override {text!r}: the value is not valid YAML ({' '.join(str(error).split())})") from None
 
 
 def load_config(
@@ -364,7 +393,10 @@ def load_config(
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"training config not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as error:  # a syntax error: one line, naming the file
+            raise ValueError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a training config is a YAML mapping")
     data = apply_overrides(copy.deepcopy(data), overrides)

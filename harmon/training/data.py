@@ -4,7 +4,9 @@
   each annotation a JSON file holding the caption;
 * :class:`LlavaRecords` — LLaVA conversations (``conversations`` of ``human``/``gpt`` turns, ``<image>`` in the
   first question);
-* :class:`TextRecords` — plain text, one document per line (``.txt``) or per JSON line (``.jsonl``).
+* :class:`TextRecords` — plain text, one document per line (``.txt``) or per JSON line (``.jsonl``);
+* :class:`ImageFolderRecords` — a folder of images (the reconstruction task reads images only, from this or the
+  two image layouts above).
 
 Images are RGB PIL images turned into ``(3, S, S)`` tensors in [-1, 1]: generation targets are resized on the
 short side and centre-cropped; understanding inputs are padded to a square with gray (127, 127, 127) and resized,
@@ -26,7 +28,8 @@ from torch.utils.data import Dataset
 from torchvision.transforms import functional as TF
 from torchvision.transforms import InterpolationMode
 
-from harmon.training.config import TASKS, CaptionSource, DataConfig, LlavaSource, TextSource
+from harmon.pipelines.image_processing import load_image
+from harmon.training.config import TASKS, CaptionSource, DataConfig, ImageFolderSource, LlavaSource, TextSource
 
 GRAY = (127, 127, 127)
 _IMAGE_PLACEHOLDER = re.compile(r"\s*<image>\s*")
@@ -43,11 +46,8 @@ def _read_json_list(path: Path, what: str) -> list:
 
 
 def load_rgb(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except OSError as error:
-        raise OSError(f"cannot read image {path}: {error}") from error
+    """RGB as the pipeline reads images: size bounded on the header (no bombs), every PIL mode converted."""
+    return load_image(path, argument="training image")
 
 
 def to_unit_range(image: Image.Image) -> torch.Tensor:
@@ -81,9 +81,9 @@ class CaptionRecords:
         self.image_folder = data.resolve(source.image_folder) if source.image_folder else info.parent
         self.annotation_folder = data.resolve(source.annotation_folder) if source.annotation_folder else info.parent
         self.entries = _read_json_list(info, "data_info")
-        for i, entry in enumerate(self.entries[:1]):
-            if not isinstance(entry, dict) or "image" not in entry or "annotation" not in entry:
-                raise ValueError(f"{info}: entry {i} must hold 'image' and 'annotation'")
+        for i, entry in enumerate(self.entries):  # every entry, up front: a bad one is found before training
+            if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in ("image", "annotation")):
+                raise ValueError(f"{info}: entry {i} must hold 'image' and 'annotation' paths")
         self.question = source.question
 
     def __len__(self) -> int:
@@ -91,8 +91,11 @@ class CaptionRecords:
 
     def caption(self, index: int) -> str:
         path = self.annotation_folder / self.entries[index]["annotation"]
-        annotation = json.loads(path.read_text())
-        if self.source.caption_key not in annotation:
+        try:
+            annotation = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path}: cannot read the annotation JSON: {error}") from error
+        if not isinstance(annotation, dict) or self.source.caption_key not in annotation:
             raise KeyError(f"{path} has no {self.source.caption_key!r}")
         return str(annotation[self.source.caption_key]).strip()
 
@@ -108,11 +111,13 @@ class LlavaRecords:
         self.image_folder = data.resolve(source.image_folder) if source.image_folder else path.parent
         self.entries: list[dict[str, Any]] = []
         self.skipped = 0
-        for entry in _read_json_list(path, "LLaVA conversations"):
-            turns = conversation_turns(entry.get("conversations", [])) if isinstance(entry, dict) else []
+        for i, entry in enumerate(_read_json_list(path, "LLaVA conversations")):
+            turns = _checked_turns(entry, path, i) if isinstance(entry, dict) else []
             if not isinstance(entry, dict) or "image" not in entry or not turns:
                 self.skipped += 1  # text-only or empty conversations have no place in the image→text task
                 continue
+            if not isinstance(entry["image"], str):
+                raise ValueError(f"{path}: entry {i}: 'image' must be a path string, got {entry['image']!r}")
             self.entries.append({"image": entry["image"], "turns": turns})
         if not self.entries:
             raise ValueError(f"{path}: no conversation with an image")
@@ -122,6 +127,15 @@ class LlavaRecords:
 
     def image(self, index: int) -> Image.Image:
         return load_rgb(self.image_folder / self.entries[index]["image"])
+
+
+def _checked_turns(entry: dict, path: Path, index: int) -> list[tuple[str, str]]:
+    conversations = entry.get("conversations", [])
+    if not isinstance(conversations, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("value", ""), str) for m in conversations
+    ):
+        raise ValueError(f"{path}: entry {index}: 'conversations' must be a list of {{'from', 'value': str}} messages")
+    return conversation_turns(conversations)
 
 
 def conversation_turns(conversations: Sequence[dict]) -> list[tuple[str, str]]:
@@ -144,16 +158,35 @@ class TextRecords:
         self.path = data.resolve(source.path)
         self.key = source.text_key
         self.jsonl = self.path.suffix == ".jsonl"
-        offsets = []
+        offsets, numbers = [], []
         position = 0
         with self.path.open("rb") as handle:
-            for line in handle:
+            for number, line in enumerate(handle, start=1):
                 if line.strip():
+                    self._parse(line, number)  # every line checked up front: a corrupt one fails before training
                     offsets.append(position)
+                    numbers.append(number)
                 position += len(line)
         if not offsets:
             raise ValueError(f"{self.path}: no text")
         self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.line_numbers = np.asarray(numbers, dtype=np.int64)
+
+    def _parse(self, line: bytes, number: int) -> str:
+        where = f"{self.path}:{number}"
+        try:
+            text = line.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{where}: not UTF-8 text ({error})") from None
+        if not self.jsonl:
+            return text
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{where}: not a JSON line ({error})") from None
+        if not isinstance(record, dict) or not isinstance(record.get(self.key), str):
+            raise ValueError(f"{where}: expected a JSON object with a string {self.key!r}")
+        return record[self.key]
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -161,8 +194,33 @@ class TextRecords:
     def text(self, index: int) -> str:
         with self.path.open("rb") as handle:
             handle.seek(int(self.offsets[index]))
-            line = handle.readline().decode("utf-8").rstrip("\n")
-        return str(json.loads(line)[self.key]) if self.jsonl else line
+            line = handle.readline()
+        return self._parse(line, int(self.line_numbers[index]))  # a file changed since: still named file:line
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class ImageFolderRecords:
+    """The images under a folder, sub-folders included, sorted by relative path (see
+    :class:`~harmon.training.config.ImageFolderSource`)."""
+
+    def __init__(self, source: ImageFolderSource, data: DataConfig) -> None:
+        self.folder = data.resolve(source.folder)
+        self.paths = sorted(
+            path for path in self.folder.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+        )
+        if not self.paths:
+            raise ValueError(f"data: no image ({', '.join(IMAGE_SUFFIXES)}) under {self.folder}")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def image(self, index: int) -> Image.Image:
+        return load_rgb(self.paths[index])
+
+
+_RECORDS = {"caption": CaptionRecords, "llava": LlavaRecords, "text": TextRecords, "images": ImageFolderRecords}
 
 
 # -------------------------------------------------------------------------------------------------- dataset
@@ -170,7 +228,8 @@ class MultiTaskDataset(Dataset):
     """Samples keyed by ``(task, index, draw)``: ``index`` runs over the task's sources one after another.
 
     Returns ``{"task", "draw", …}`` plus ``pixels`` and ``caption`` (text→image), ``pixels`` and ``turns``
-    (image→text), or ``text`` (text).
+    (image→text), ``text`` (text), or ``pixels`` (reconstruction: the generation crop, which is both what the
+    understanding path reads and the target).
     """
 
     def __init__(self, data: DataConfig) -> None:
@@ -181,12 +240,7 @@ class MultiTaskDataset(Dataset):
             records = []
             if ratios[task] > 0:
                 for source in getattr(data, task):
-                    if isinstance(source, CaptionSource):
-                        records.append(CaptionRecords(source, data))
-                    elif isinstance(source, LlavaSource):
-                        records.append(LlavaRecords(source, data))
-                    else:
-                        records.append(TextRecords(source, data))
+                    records.append(_RECORDS[source.format](source, data))
             self.sources[task] = records
         self.offsets = {task: np.cumsum([0] + [len(r) for r in self.sources[task]]) for task in TASKS}
 
@@ -210,6 +264,8 @@ class MultiTaskDataset(Dataset):
         if task == "text_to_image":
             sample["pixels"] = generation_pixels(records.image(local), self.image_size)
             sample["caption"] = records.caption(local)
+        elif task == "reconstruction":
+            sample["pixels"] = generation_pixels(records.image(local), self.image_size)
         elif task == "image_to_text":
             sample["pixels"] = understanding_pixels(records.image(local), self.image_size)
             if isinstance(records, CaptionRecords):

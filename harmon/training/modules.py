@@ -194,6 +194,12 @@ class HarmonTrainingModule(nn.Module):
             if self._loss_takes_pixels:
                 return model.image_to_text_loss(*args, pixels=pixels)
             return model.image_to_text_loss(*args)
+        if task == "reconstruction":
+            pixels = batch["pixels"]
+            return model.reconstruction_loss(
+                model.encode_image(pixels), batch["input_ids"], batch["attention_mask"], self.image_token_id,
+                pixels=pixels, generator=generator,
+            )
         if task == "text":
             # plain-text LM loss through the model's public LLM (transformers shifts the labels)
             output = model.llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

@@ -44,7 +44,9 @@ from harmon.training.checkpointing import (
     TRAINER_STATE_NAME,
     CheckpointError,
     CheckpointManager,
+    check_rng_state,
     read_trainer_state,
+    truncate_metrics,
     verify_checkpoint,
     write_json_atomic,
 )
@@ -211,6 +213,7 @@ class Trainer:
             cfg_drop_prob=config.data.cfg_drop_prob,
             seed=config.seed,
             image_token=config.model.image_token,
+            reconstruction_instruction=config.data.reconstruction_instruction,
         )
         self.module, self.optimizer, self.scheduler = accelerator.prepare(self.module, self.optimizer, self.scheduler)
         explain_shared_tensors(accelerator.unwrap_model(self.module), logger)
@@ -269,9 +272,12 @@ class Trainer:
                 f"resuming {path} written with global batch {state.get('global_batch_size')}, now "
                 f"{self.config.training.global_batch_size}"
             )
+        check_rng_state(path, accelerator.process_index)  # accelerate only logs a state it cannot load
         accelerator.load_state(str(path))
         self.step = int(state["step"])
         self.micro_step = int(state["micro_step"])
+        if accelerator.is_main_process:  # a killed run logged past this checkpoint: those steps run again
+            truncate_metrics(self.output_dir / "metrics.jsonl", self.step)
         logger.info(f"resumed from {path} at step {self.step}", main_process_only=True)
         return path
 
