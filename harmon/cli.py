@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from harmon.threads import add_threads_argument, apply_threads, positive_int
+from harmon.toy import EMBEDDED
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
@@ -56,6 +57,8 @@ def validate_arguments(args: argparse.Namespace) -> None:
     for name in EXISTING_FOLDERS:
         value = getattr(args, name, None)
         if name == "pipeline" and args.command == "demo":  # the demo also takes a name (its default, harmon-toy)
+            continue
+        if name == "pipeline" and value in EMBEDDED:  # a pipeline shipped in the package (harmon.toy), by name
             continue
         if value is not None and not Path(value).is_dir():
             raise ValueError(f"{flag(name)}: no such folder: {value}")

@@ -41,7 +41,9 @@ def short_run(tmp_path_factory):
     info = train_toy(out, ToyTrainSettings(threads=1, overrides=SHORT_OVERRIDES, **SHORT), log=None)
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    return HarmonPipeline.from_pretrained(out / "harmon-toy"), info, time.perf_counter() - started
+    import torch
+
+    return HarmonPipeline.from_pretrained(out / "harmon-toy", dtype=torch.float32), info, time.perf_counter() - started
 
 
 def test_a_short_run_learns_to_understand(short_run):
