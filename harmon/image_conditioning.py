@@ -53,16 +53,11 @@ def image_generation_rows(
     form of :func:`image_generation_input`; each is repeated ``num_images_per_prompt`` times. With ``guidance`` the
     unconditional rows follow: ``negative_prompt`` (one for all, or one per image) or the processor's
     unconditional prompt, without the image. ``processor`` is a :class:`~harmon.pipelines.HarmonProcessor`."""
-    cond = []
+    rows = []
     for instruction in instructions:
-        cond += [image_generation_ids(processor, image_tokens, instruction)] * num_images_per_prompt
-    rows = list(cond)
+        rows += [image_generation_ids(processor, image_tokens, instruction)] * num_images_per_prompt
     if guidance:
-        if negative_prompt is None or isinstance(negative_prompt, str):
-            negatives = [negative_prompt or processor.unconditional_prompt] * len(instructions)
-        else:
-            negatives = [n or processor.unconditional_prompt for n in negative_prompt]
-        rows += [processor.user_turn(n) for n in negatives for _ in range(num_images_per_prompt)]
+        rows += processor.unconditional_rows(negative_prompt, len(instructions), num_images_per_prompt)
     return processor.pad(rows, processor.tokenizer.eos_token_id, side="right")
 
 

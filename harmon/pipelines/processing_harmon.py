@@ -158,15 +158,22 @@ class HarmonProcessor(ProcessorMixin):
 
         Each prompt's row is repeated ``num_images_per_prompt`` times; with ``guidance`` the unconditional rows
         follow: ``negative_prompt`` (one for all, or one per prompt) or the unconditional prompt."""
-        cond = [self.user_turn(self.generation_prefix + p) for p in prompts for _ in range(num_images_per_prompt)]
-        rows = list(cond)
+        rows = [self.user_turn(self.generation_prefix + p) for p in prompts for _ in range(num_images_per_prompt)]
         if guidance:
-            if negative_prompt is None or isinstance(negative_prompt, str):
-                negatives = [negative_prompt or self.unconditional_prompt] * len(prompts)
-            else:
-                negatives = [n or self.unconditional_prompt for n in negative_prompt]
-            rows += [self.user_turn(n) for n in negatives for _ in range(num_images_per_prompt)]
+            rows += self.unconditional_rows(negative_prompt, len(prompts), num_images_per_prompt)
         return self.pad(rows, self.tokenizer.eos_token_id, side="right")
+
+    def unconditional_rows(
+        self, negative_prompt: str | Sequence[str | None] | None, count: int, num_images_per_prompt: int = 1
+    ) -> list[list[int]]:
+        """The unconditional (guidance) rows for ``count`` conditional prompts, each repeated
+        ``num_images_per_prompt`` times: ``negative_prompt`` (one for all, or one per prompt; empty or ``None``
+        entries fall back) or the unconditional prompt."""
+        if negative_prompt is None or isinstance(negative_prompt, str):
+            negatives = [negative_prompt or self.unconditional_prompt] * count
+        else:
+            negatives = [n or self.unconditional_prompt for n in negative_prompt]
+        return [self.user_turn(n) for n in negatives for _ in range(num_images_per_prompt)]
 
     def understanding_inputs(
         self, questions: Sequence[str], image_tokens: int
