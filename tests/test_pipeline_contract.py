@@ -93,6 +93,23 @@ class TestDiffusersContract:
         with pytest.raises(ValueError, match="harmon_pipeline.py"):
             HarmonPipeline.from_pretrained(tmp_path)
 
+    def test_the_class_loads_its_folder_without_importing_the_folders_module(self, pipe, tmp_path, monkeypatch):
+        # ranks of a multi-process launch that import the folder's module through diffusers' dynamic-module cache
+        # race on copying it there (seen in CI: "module 'diffusers_modules.local.harmon_pipeline' has no
+        # attribute 'HarmonPipeline'"); the class is already known, so nothing may be imported
+        import diffusers.pipelines.pipeline_loading_utils as loading
+
+        pipe.save_pretrained(tmp_path)
+
+        def refuse(*args, **kwargs):
+            raise AssertionError(f"dynamic module imported: {args} {kwargs}")
+
+        monkeypatch.setattr(loading, "get_class_from_dynamic_module", refuse)
+        loaded = HarmonPipeline.from_pretrained(tmp_path)
+        assert type(loaded) is HarmonPipeline
+        assert json.loads((tmp_path / "model_index.json").read_text())["_class_name"] == [
+            "harmon_pipeline", "HarmonPipeline"]
+
     # ------------------------------------------------------------------------------------------ callbacks
     def test_callback_receives_the_requested_tensors_and_its_return_value_is_used(self, pipe, reference):
         seen = []

@@ -172,7 +172,6 @@ class HarmonPipeline(DiffusionPipeline):
         if stub.is_file():
             if stub.read_text() != PIPELINE_MODULE_SOURCE:
                 raise ValueError(f"{stub} is not the file HarmonPipeline.save_pretrained writes; refusing to run it")
-            kwargs.setdefault("trust_remote_code", True)  # the one-line re-export checked above, nothing else
         attn_implementation = kwargs.pop("attn_implementation", None)
         if "torch_dtype" in kwargs:  # diffusers' older spelling
             kwargs["dtype"] = kwargs.pop("torch_dtype")
@@ -182,6 +181,22 @@ class HarmonPipeline(DiffusionPipeline):
             pipe.set_attn_implementation(attn_implementation)
         return pipe
 
+    @classmethod
+    def load_config(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+        """diffusers' ``load_config``, with the custom-pipeline form of ``_class_name`` that ``save_pretrained``
+        writes (``["harmon_pipeline", "HarmonPipeline"]``) read back as the plain class name when the class itself
+        loads. diffusers would otherwise import the folder's one-line module through its dynamic-module cache
+        (a copy into ``HF_MODULES_CACHE`` then an import) although the class is already known; ranks of a
+        multi-process launch doing that copy at once on a fresh machine import a half-written file
+        (``module 'diffusers_modules.local.harmon_pipeline' has no attribute 'HarmonPipeline'``).
+        ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` still takes the module route."""
+        loaded = super().load_config(pretrained_model_name_or_path, *args, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        name = config.get("_class_name")
+        if isinstance(name, (list, tuple)) and list(name) == [PIPELINE_MODULE, cls.__name__]:
+            config["_class_name"] = cls.__name__
+        return loaded
+
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
         """diffusers' ``save_pretrained`` (``safe_serialization``, ``variant``, ``max_shard_size`` all apply to
         every component), plus what lets diffusers' generic loader find this class: ``model_index.json`` names it
@@ -189,7 +204,7 @@ class HarmonPipeline(DiffusionPipeline):
         one-line module (``from harmon.pipelines.pipeline_harmon import HarmonPipeline``), so
         ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` returns a :class:`HarmonPipeline`
         (diffusers asks ``trust_remote_code`` for any code file in a folder; ``HarmonPipeline.from_pretrained``
-        checks the file is exactly that line and needs no flag)."""
+        refuses a folder whose file is not exactly that line, and never imports it: see :meth:`load_config`)."""
         super().save_pretrained(save_directory, **kwargs)
         folder = Path(save_directory)
         (folder / f"{PIPELINE_MODULE}.py").write_text(PIPELINE_MODULE_SOURCE)
