@@ -37,11 +37,12 @@ DTYPES = [
     pytest.param(torch.bfloat16, id="bfloat16"),
     pytest.param(torch.float16, id="float16", marks=[
         pytest.mark.skipif(_half_supported() is not None, reason=str(_half_supported())),
-        # Measured: float16 latents overflow in the diffusion head's ancestral step (every sampler gives NaN): the
-        # predicted x₀ = x/√ᾱ − … with 1/√ᾱ ≈ 2·10⁴ at t≈999 exceeds float16's 65504. ADM does that arithmetic in
-        # float32 (its table lookup calls .float()); harmon.schedulers.ADMScheduler casts its float64 tables to the
-        # sample's dtype. A fix there (owned by the redesign branch) turns these into passes (strict xfail).
-        pytest.mark.xfail(reason="float16 overflows in the diffusion head's x0 prediction", strict=True),
+        # The chain's arithmetic runs in float32 (sampling_dtype, as ADM), but the *random* tiny head's samples
+        # themselves leave float16's range: on its 3-step chain the first step takes tokens of |x| ≈ 2 to 8.5e3 and
+        # the next to 6.9e4 (measured in float32) > 65504, so the float16 denoiser's input is inf. Trained weights
+        # keep their tokens at |x| < 5: test_float16_follows_float32_on_trained_weights checks float16 there.
+        pytest.mark.xfail(reason="the random tiny head's samples exceed float16's range (6.9e4 measured)",
+                          strict=True),
     ]),
 ]
 
@@ -98,3 +99,21 @@ def test_cli_generates_in_every_dtype(saved, tmp_path, sampler, schedule, dtype)
     assert image.size == (48, 64) and image.mode == "RGB"
     # non-finite pixels become one flat colour in the PNG; a real sample of the random model is not flat
     assert len(set(image.getdata())) > 1, f"{sampler}/{schedule}/{name}: a flat image (non-finite pixels?)"
+
+
+@pytest.mark.skipif(_half_supported() is not None, reason=str(_half_supported()))
+def test_float16_follows_float32_on_trained_weights():
+    """harmon-toy (trained) in float16 gives finite tokens close to float32's. Measured on the shipped weights
+    (exact sampler, 2 MAR steps, seed 0, 1000-step head chain): max |fp16 − fp32| = 0.054 on tokens of max 4.6
+    with the chain in float32; 0.164 when the chain ran in float16 (the ancestral mean A·x − B·ε with A, B ≈ 32
+    at t ≈ 999 cancels in half precision). The bound, 3% of the tokens' scale, separates the two."""
+    latents = {}
+    for dtype in (torch.float32, torch.float16):
+        pipe = HarmonPipeline.from_pretrained("harmon-toy", dtype=dtype)
+        pipe.set_progress_bar_config(disable=True)
+        latents[dtype] = pipe("a red 3 on the left", num_inference_steps=2, sampler="exact", output_type="latent",
+                              generator=torch.Generator().manual_seed(0)).images.float()
+    reference, half = latents[torch.float32], latents[torch.float16]
+    assert bool(torch.isfinite(half).all())
+    scale = max(1.0, reference.abs().max().item())
+    assert (half - reference).abs().max().item() <= 0.03 * scale

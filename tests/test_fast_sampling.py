@@ -270,3 +270,22 @@ def test_exact_sampler_uses_the_decoder_at_positions_and_plain_does_not(model, m
     calls.clear()
     generate(model, seed=5, sampler="plain")
     assert calls and not any(calls)
+
+
+def test_scheduler_step_runs_its_arithmetic_in_float32_for_half_samples():
+    # at t = 999 the predicted x₀ is x/√ᾱ with 1/√ᾱ ≈ 1e4: for x = 8 it is ~8e4, past float16's 65504, although
+    # the step's result (the posterior mean) is of the order of x
+    from harmon.schedulers import ADMScheduler
+
+    scheduler = ADMScheduler()
+    sample = torch.full((2, 4), 8.0)
+    output = torch.cat([torch.full((2, 4), 0.5), torch.zeros(2, 4)], dim=1)
+    noise = torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
+    reference = scheduler.step(output, 999, sample, noise=noise)
+    half = scheduler.step(output.half(), 999, sample.half(), noise=noise.half())
+    assert half.prev_sample.dtype == torch.float16
+    assert half.pred_original_sample.dtype == torch.float32
+    assert reference.pred_original_sample.abs().max() > 65504  # the case float16 arithmetic cannot hold
+    assert bool(torch.isfinite(half.pred_original_sample).all())
+    scale = max(1.0, reference.prev_sample.abs().max().item())
+    assert (half.prev_sample.float() - reference.prev_sample).abs().max().item() <= 2e-3 * scale

@@ -28,6 +28,7 @@ from harmon.heads.fused_sampler import FusedAncestralSampler, default_random_sou
 from harmon.interfaces import RandomSource
 from harmon.registry import HEADS
 from harmon.schedulers import ADMScheduler
+from harmon.schedulers.scheduling_adm import sampling_dtype
 
 # ---------------------------------------------------------------------------------------------------------------
 # config
@@ -137,13 +138,17 @@ class MLPAdaLNDiffusionHead(nn.Module):
         scheduler = self.check_scheduler(scheduler) if scheduler is not None else self.sample_diffusion
         random_source = default_random_source(random_source)
         rows = c.shape[0]
+        # the chain is carried in float32 (at least) whatever the weights' dtype, as ADM does: its posterior
+        # coefficients reach ~10⁴ at t ≈ 999, which float16 overflows and bfloat16 rounds to 1e-2 relative
+        chain_dtype = sampling_dtype(c.dtype)
         x = initial_noise(random_source, rows, self.token_dim, is_guided(guidance_scale), row_groups, c.device, c.dtype)
+        x = x.to(chain_dtype)
         for t in scheduler.timesteps.tolist():
             timestep = torch.full((rows,), t, device=c.device, dtype=torch.long)
-            out = self._net_output(x, timestep, c, guidance_scale)
-            noise = random_source.randn(tuple(x.shape), c.device, x.dtype, row_groups)
+            out = self._net_output(x.to(c.dtype), timestep, c, guidance_scale)
+            noise = random_source.randn(tuple(x.shape), c.device, c.dtype, row_groups)
             x = scheduler.step(out, timestep, x, noise=noise, temperature=temperature).prev_sample
-        return x
+        return x.to(c.dtype)
 
     def prepare_sampler(
         self,

@@ -16,6 +16,7 @@ from torch import nn
 from harmon.interfaces import RandomSource
 from harmon.layers import live_weights
 from harmon.schedulers import ADMScheduler
+from harmon.schedulers.scheduling_adm import sampling_dtype
 
 
 def _noise_coupling(fine: ADMScheduler, coarse: ADMScheduler) -> np.ndarray:
@@ -64,23 +65,26 @@ def _fused_denoise_step(
 ) -> torch.Tensor:
     """One step of :class:`FusedAncestralSampler`: ``x (N, C)`` at step i → at step i-1 (``noise`` None: the
     last step, no noise added). ``mods (N, 3·depth + 2, W)``: [shift, 1 + scale, gate] per block, then
-    [shift, 1 + scale] of the final layer. A module-level function of tensors only, so that ``torch.compile``
-    guards on shapes, not on a sampler instance."""
+    [shift, 1 + scale] of the final layer. ``x``, ``noise`` and the coefficients are in the chain's dtype
+    (float32 at least, :func:`~harmon.schedulers.scheduling_adm.sampling_dtype`); the denoiser runs in its
+    weights' dtype. A module-level function of tensors only, so that ``torch.compile`` guards on shapes, not on a
+    sampler instance."""
     parts = mods.unbind(1)
+    net_x = x.to(input_proj[0].dtype)
     if guidance_scale is not None:
         # forward_with_cfg: both halves of the denoiser's input are the cond half of x, so project it once
         half = x.shape[0] // 2
-        h = F.linear(x[:half], *input_proj)
+        h = F.linear(net_x[:half], *input_proj)
         h = torch.cat([h, h])
     else:
-        h = F.linear(x, *input_proj)
+        h = F.linear(net_x, *input_proj)
     for j, (ln_weight, ln_bias, ln_eps, w1, b1, w2, b2) in enumerate(blocks):
         shift, scale, gate = parts[3 * j], parts[3 * j + 1], parts[3 * j + 2]
         u = torch.addcmul(shift, F.layer_norm(h, h.shape[-1:], ln_weight, ln_bias, ln_eps), scale)
         h = torch.addcmul(h, gate, F.linear(F.silu(F.linear(u, w1, b1), inplace=True), w2, b2))
     final_eps, w_out, b_out = final
     u = torch.addcmul(parts[-2], F.layer_norm(h, h.shape[-1:], None, None, final_eps), parts[-1])
-    out = F.linear(u, w_out, b_out)
+    out = F.linear(u, w_out, b_out).to(x.dtype)
     eps, v = out[:, :channels], out[:, channels:]
     if guidance_scale is not None:
         cond_eps, uncond_eps = eps.chunk(2)
@@ -238,7 +242,7 @@ class FusedAncestralSampler:
         with live_weights(self.net, device):
             dtype = self.net.cond_embed.weight.dtype
             weights = self._weight_constants(device, dtype)
-            coefficients, coupling = self._schedule_constants(device, dtype)
+            coefficients, coupling = self._schedule_constants(device, sampling_dtype(dtype))
             return self._sample(c.to(dtype), weights, coefficients, coupling, temperature, guidance_scale,
                                 random_source, row_groups)
 
@@ -246,10 +250,12 @@ class FusedAncestralSampler:
         random_source = default_random_source(random_source)
         guided = is_guided(guidance_scale)
         rows, device, dtype = c.shape[0], c.device, c.dtype
+        chain_dtype = sampling_dtype(dtype)  # as sample(): the chain in float32 at least
         shape = (rows, self.token_dim)
-        x = initial_noise(random_source, rows, self.token_dim, guided, row_groups, device, dtype)
+        x = initial_noise(random_source, rows, self.token_dim, guided, row_groups, device, dtype).to(chain_dtype)
         # every step's noise, drawn in the order sample() draws it (index K-1-i holds step i's)
         noise = torch.stack([random_source.randn(shape, device, dtype, row_groups) for _ in range(self.num_draws)])
+        noise = noise.to(chain_dtype)
         noise = noise.flip(0)  # index i: step i
         if coupling is not None:
             noise = torch.einsum("jk,knc->jnc", coupling, noise)
@@ -278,7 +284,7 @@ class FusedAncestralSampler:
                 if self.compiled:
                     x = x.clone()  # a CUDA-graph output is overwritten by the next replay
             top = bottom
-        return x
+        return x.to(dtype)
 
 
 def _is_offloaded(module: nn.Module) -> bool:

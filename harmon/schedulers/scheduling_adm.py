@@ -14,7 +14,8 @@ as a diffusers scheduler.
   temperature) and why this is written here;
 * the hybrid training loss's pieces (:meth:`add_noise` = q_sample, :meth:`q_posterior`, :func:`variational_bound`).
 
-Tables are float64 numpy arrays (``tables``); every lookup casts to the sample's dtype, as ADM does. Guidance is
+Tables are float64 numpy arrays (``tables``); every lookup casts to the sample's dtype; :meth:`step` runs in
+float32 at least (:func:`sampling_dtype`), as ADM does for half-precision models. Guidance is
 applied by the denoiser to its ε output before :meth:`step` (``forward_with_cfg``), as in ADM / MAR.
 """
 
@@ -31,6 +32,14 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 BETA_SCHEDULES = ("squaredcos_cap_v2", "linear")
+
+
+def sampling_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a sampling chain's arithmetic runs in for samples of ``dtype``: float32 at least. ADM looks its
+    tables up in float32 whatever the model's dtype; in float16 the predicted x₀ (``x/√ᾱ`` with 1/√ᾱ ≈ 10⁴ at
+    t ≈ 999) overflows to inf and the ancestral mean ``A·x − B·ε`` cancels two terms of ~10⁴ (measured: every
+    float16 sample NaN before this)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 @dataclass
@@ -207,16 +216,20 @@ class ADMScheduler(SchedulerMixin, ConfigMixin):
         """One ancestral step x_t → x_{t-1}: ``model_output (N, 2C)`` = [ε (already guided), v] at training
         ``timestep`` (one for all rows, or ``(N,)``), ``sample (N, C)``. ``noise`` (default: drawn with
         ``generator``) is scaled by ``temperature``; at the chain's first step (t = 0 after respacing) no noise is
-        added."""
+        added. The arithmetic runs in :func:`sampling_dtype` (float32 for float16 / bfloat16 samples);
+        ``prev_sample`` comes back in the sample's dtype, ``pred_original_sample`` in the arithmetic's (it reaches
+        ~10⁴ at the noisiest steps)."""
         index = self.step_index(timestep)
         if index.dim() == 0:
             index = index.expand(sample.shape[0])
         index = index.to(sample.device)
-        out = self.p_mean_variance(model_output, sample, index)
         if noise is None:
             noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
-        nonzero = (index != 0).to(sample.dtype).view(-1, *([1] * (sample.dim() - 1)))
-        prev = out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise * temperature
+        compute = sampling_dtype(sample.dtype)  # float16 / bfloat16 samples: the arithmetic in float32, as ADM
+        out = self.p_mean_variance(model_output.to(compute), sample.to(compute), index)
+        nonzero = (index != 0).to(compute).view(-1, *([1] * (sample.dim() - 1)))
+        prev = out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise.to(compute) * temperature
+        prev = prev.to(sample.dtype)
         if not return_dict:
             return (prev, out["pred_xstart"])
         return ADMSchedulerOutput(prev_sample=prev, pred_original_sample=out["pred_xstart"])
@@ -260,4 +273,4 @@ def _mean_flat(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=list(range(1, x.dim())))
 
 
-__all__ = ["ADMScheduler", "ADMSchedulerOutput", "adm_betas"]
+__all__ = ["ADMScheduler", "ADMSchedulerOutput", "adm_betas", "sampling_dtype"]
