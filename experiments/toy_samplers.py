@@ -3,9 +3,11 @@
     python -m experiments.toy_samplers                     # the shipped harmon-toy, 40 prompts, seed 0
     python -m experiments.toy_samplers --pipeline runs/harmon-toy/harmon-toy --prompts 40 --seeds 0 1
 
-Rows: the exact sampler (64 MAR steps, the head's 100 denoising steps), the fast sampler with 50 and 25 head
-steps, and the exact sampler with 32 and 16 MAR steps. Each row generates the same prompts with the same seeds;
-times are the pipeline calls only (`harmon.toy.eval.geneval`), in the order listed, one process. Public API only.
+Rows, for a head chain of K denoising steps (the scheduler's ``num_sampling_steps``; harmon-toy: 1000, Harmon:
+100): the exact sampler at 64 MAR steps (K head steps), the fast sampler at K/2 and K/4 head steps and at the
+issue's 50 and 25 (the same rows when K = 100), and the exact sampler at 32 and 16 MAR steps. Each row generates
+the same prompts with the same seeds; times are the pipeline calls only (`harmon.toy.eval.geneval`), in the order
+listed, one process. Public API only.
 """
 
 from __future__ import annotations
@@ -20,13 +22,17 @@ import torch
 from harmon.pipelines import HarmonPipeline
 from harmon.toy.eval import CATEGORIES, default_scorer, geneval
 
-ROWS = (
-    ("exact, 64 MAR steps, 100 head steps", dict(num_inference_steps=64, sampler="exact")),
-    ("fast, 64 MAR steps, 50 head steps", dict(num_inference_steps=64, sampler="fast", head_steps=50)),
-    ("fast, 64 MAR steps, 25 head steps", dict(num_inference_steps=64, sampler="fast", head_steps=25)),
-    ("exact, 32 MAR steps, 100 head steps", dict(num_inference_steps=32, sampler="exact")),
-    ("exact, 16 MAR steps, 100 head steps", dict(num_inference_steps=16, sampler="exact")),
-)
+def sampler_rows(chain: int) -> list[tuple[str, dict]]:
+    """The table's rows for a head chain of ``chain`` steps (see the module docstring)."""
+    rows = [(f"exact, 64 MAR steps, {chain} head steps", dict(num_inference_steps=64, sampler="exact"))]
+    for head_steps in dict.fromkeys((chain // 2, chain // 4, 50, 25)):
+        if 1 <= head_steps < chain:
+            rows.append((f"fast, 64 MAR steps, {head_steps} head steps",
+                         dict(num_inference_steps=64, sampler="fast", head_steps=head_steps)))
+    for mar_steps in (32, 16):
+        rows.append((f"exact, {mar_steps} MAR steps, {chain} head steps",
+                     dict(num_inference_steps=mar_steps, sampler="exact")))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe = HarmonPipeline.from_pretrained(args.pipeline)
     scorer = default_scorer()
     rows = []
-    for name, kwargs in ROWS:
+    for name, kwargs in sampler_rows(pipe.scheduler.config.num_sampling_steps):
         runs = [geneval(pipe, args.prompts, seed=seed, scorer=scorer, **kwargs) for seed in args.seeds]
         row = {"sampler": name, "seconds": float(np.mean([r.seconds for r in runs]))}
         for key in (*CATEGORIES, "overall"):

@@ -17,8 +17,6 @@ pipeline passes its ``scheduler`` component's), so no pipeline ever changes a he
 
 from __future__ import annotations
 
-import math
-
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from torch import nn

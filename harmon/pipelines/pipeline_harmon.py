@@ -29,7 +29,7 @@ from harmon.image_conditioning import image_generation_rows, image_prompt_embedd
 from harmon.latents import latents_to_tokens, tokens_to_latents, vae_encode
 from harmon.model import GUIDANCE_SCHEDULES, SAMPLERS, HarmonModel, mask_schedule
 from harmon.pipelines.image_processing import ImageInput, postprocessor
-from harmon.pipelines.processing_harmon import IMAGE_TOKEN, HarmonProcessor
+from harmon.pipelines.processing_harmon import HarmonProcessor
 from harmon.randomness import as_random_source
 from harmon.schedulers import ADMScheduler
 from harmon.validation import check_generation_arguments, check_understanding_arguments

@@ -46,6 +46,48 @@ def _log(message: str) -> None:
 
 def train_toy(out: str | Path, settings: ToyTrainSettings | None = None, log=_log) -> dict[str, Any]:
     """Run the whole recipe into ``out``; returns (and writes to ``out/train_info.json``) what it measured."""
+    from harmon.training.config import load_config
+    from harmon.training.trainer import train
+
+    settings = settings or ToyTrainSettings()
+    log = log or (lambda message: None)
+    out = Path(out)
+    started = time.perf_counter()
+    prepared = prepare_toy(out, settings, log)
+    info: dict[str, Any] = prepared["info"]
+    init = prepared["init"]
+    data_dir = prepared["data"]
+
+    previous = init
+    info["stages"] = {}
+    for i, stage in enumerate(STAGES):
+        overrides = [f"output_dir={out / stage}", f"data.root={data_dir}", f"model.pretrained={previous}",
+                     f"seed={settings.seed}", *settings.overrides]
+        if settings.stage_steps is not None:
+            overrides.append(f"training.max_steps={settings.stage_steps[i]}")
+        recipe = load_config(RECIPES / f"{stage}.yaml", overrides=overrides)
+        stage_started = time.perf_counter()
+        result = train(recipe)
+        seconds = time.perf_counter() - stage_started
+        last = result.history[-1] if result.history else {}
+        info["stages"][stage] = {"steps": result.step, "seconds": seconds,
+                                 "last": {k: v for k, v in last.items() if k.startswith("loss/")}}
+        log(f"stage {stage}: {result.step} steps in {seconds:.0f} s; last losses {info['stages'][stage]['last']}")
+        previous = result.export_dir / "harmon_model"
+
+    shipped = write_shipped_folder(result.export_dir / "harmon_model", out / "harmon-toy")
+    info["shipped_folder"] = str(shipped)
+    info["shipped_bytes"] = sum(p.stat().st_size for p in shipped.rglob("*") if p.is_file())
+    info["total_seconds"] = time.perf_counter() - started
+    (out / "train_info.json").write_text(json.dumps(info, indent=1, default=str))
+    log(f"done in {info['total_seconds']:.0f} s; pipeline folder {shipped} ({info['shipped_bytes'] / 1e6:.2f} MB)")
+    return info
+
+
+def prepare_toy(out: str | Path, settings: ToyTrainSettings | None = None, log=_log) -> dict[str, Any]:
+    """Steps 1-3 of :func:`train_toy`: the training split under ``out/data``, the toy VAE trained on it and
+    ``vae_scale`` measured, the random-init model saved as ``out/init``. Returns ``data`` and ``init`` (folders),
+    ``vae_state`` and ``vae_scale`` (for building other models on the same VAE) and ``info`` (what it measured)."""
     import torch
 
     from harmon.configs import HarmonConfig
@@ -53,8 +95,6 @@ def train_toy(out: str | Path, settings: ToyTrainSettings | None = None, log=_lo
     from harmon.toy.data import pixels, render, scenes, write_dataset
     from harmon.toy.tokenizer import toy_tokenizer
     from harmon.toy.vae import latent_scale, reconstruction_mse, train_vae
-    from harmon.training.config import load_config
-    from harmon.training.trainer import train
 
     settings = settings or ToyTrainSettings()
     log = log or (lambda message: None)
@@ -89,31 +129,7 @@ def train_toy(out: str | Path, settings: ToyTrainSettings | None = None, log=_lo
     model.save_pretrained(init)
     toy_tokenizer().save_pretrained(str(init))
     log(f"vae: mse {info['vae']['mse']:.5f} (held-out {info['vae']['held_out_mse']:.5f}), vae_scale {scale:.4f}")
-
-    previous = init
-    info["stages"] = {}
-    for i, stage in enumerate(STAGES):
-        overrides = [f"output_dir={out / stage}", f"data.root={data_dir}", f"model.pretrained={previous}",
-                     f"seed={settings.seed}", *settings.overrides]
-        if settings.stage_steps is not None:
-            overrides.append(f"training.max_steps={settings.stage_steps[i]}")
-        recipe = load_config(RECIPES / f"{stage}.yaml", overrides=overrides)
-        stage_started = time.perf_counter()
-        result = train(recipe)
-        seconds = time.perf_counter() - stage_started
-        last = result.history[-1] if result.history else {}
-        info["stages"][stage] = {"steps": result.step, "seconds": seconds,
-                                 "last": {k: v for k, v in last.items() if k.startswith("loss/")}}
-        log(f"stage {stage}: {result.step} steps in {seconds:.0f} s; last losses {info['stages'][stage]['last']}")
-        previous = result.export_dir / "harmon_model"
-
-    shipped = write_shipped_folder(result.export_dir / "harmon_model", out / "harmon-toy")
-    info["shipped_folder"] = str(shipped)
-    info["shipped_bytes"] = sum(p.stat().st_size for p in shipped.rglob("*") if p.is_file())
-    info["total_seconds"] = time.perf_counter() - started
-    (out / "train_info.json").write_text(json.dumps(info, indent=1, default=str))
-    log(f"done in {info['total_seconds']:.0f} s; pipeline folder {shipped} ({info['shipped_bytes'] / 1e6:.2f} MB)")
-    return info
+    return {"data": data_dir, "init": init, "vae_state": vae_state, "vae_scale": scale, "info": info}
 
 
 def write_shipped_folder(model_folder: Path, folder: Path) -> Path:
