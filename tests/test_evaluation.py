@@ -554,8 +554,8 @@ def process_results(doc, results):
 
 
 def test_lmms_eval_harness_runs_the_adapter_on_a_two_item_task(pipe, tmp_path, monkeypatch):
-    """lmms-eval's own ``simple_evaluate`` on a task defined here (skipped where lmms-eval is not installed, as in
-    CI: its dependency tree is too large for the dev extra)."""
+    """lmms-eval's own ``simple_evaluate`` on a task defined here (the dev extra installs lmms-eval; skipped only
+    where it is not installed)."""
     evaluator = pytest.importorskip("lmms_eval.evaluator")
     from lmms_eval.tasks import TaskManager
 
