@@ -68,6 +68,18 @@ def test_load_with_dtype(saved):
     assert image.dtype == torch.float32 and image.shape == (1, 3, 64, 64)
 
 
+def test_a_half_precision_folder_loads_in_float32_throughout(pipe, tmp_path):
+    # transformers 5 loads the LLM in its saved dtype, diffusers its models in float32: without one default the
+    # folder gave a float16 LLM beside a float32 core ("mat1 and mat2 must have the same dtype")
+    pipe.to(torch.float16).save_pretrained(str(tmp_path))
+    pipe.to(torch.float32)
+    loaded = HarmonPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert {loaded.llm.dtype, loaded.harmon.dtype, loaded.vae.dtype} == {torch.float32}
+    assert torch.isfinite(pixels(loaded, 0)).all()
+    assert HarmonPipeline.from_pretrained(tmp_path, dtype=torch.bfloat16).llm.dtype == torch.bfloat16
+
+
 def test_same_seed_same_image_different_seeds_differ(pipe):
     a, b, c = pixels(pipe, 1), pixels(pipe, 1), pixels(pipe, 2)
     assert torch.equal(a, b)

@@ -150,7 +150,8 @@ class HarmonPipeline(DiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "HarmonPipeline":
-        """Load a saved pipeline folder (``dtype=``, ``attn_implementation=`` accepted).
+        """Load a saved pipeline folder (``dtype=``, default float32 for every component whatever the saved dtype;
+        ``attn_implementation=`` accepted).
 
         Only local folders are read here; a hub id fails fast when the hub cannot be reached. Core weights are
         checked strictly: missing, unexpected and mis-shaped keys are named.
@@ -175,6 +176,11 @@ class HarmonPipeline(DiffusionPipeline):
         attn_implementation = kwargs.pop("attn_implementation", None)
         if "torch_dtype" in kwargs:  # diffusers' older spelling
             kwargs["dtype"] = kwargs.pop("torch_dtype")
+        if kwargs.get("dtype") is None:
+            # one dtype for every component: diffusers loads its models in float32 unless told otherwise, but
+            # transformers 5 loads the LLM in its saved dtype ("auto"), so an fp16 folder gave a float16 LLM next to
+            # a float32 core ("mat1 and mat2 must have the same dtype" at the first step)
+            kwargs["dtype"] = torch.float32
         with saved_weights_follow():  # the saved core holds its encoders' weights: no pretrained re-load
             pipe = super().from_pretrained(str(path), **kwargs)
         if attn_implementation is not None:
