@@ -33,7 +33,7 @@ class ToyTrainSettings:
     """What a run changes; the defaults are the shipped weights' run."""
 
     seed: int = 0
-    num_images: int = 4000
+    num_images: int = 8000
     vae_steps: int = 800
     stage_steps: tuple[int, int, int, int] | None = None  # stages I, II, III, head; None: the recipes' max_steps
     threads: int | None = 2
@@ -134,16 +134,24 @@ def prepare_toy(out: str | Path, settings: ToyTrainSettings | None = None, log=_
 
 def write_shipped_folder(model_folder: Path, folder: Path) -> Path:
     """The trained ``HarmonModel`` folder (an export's ``harmon_model/``) as an fp16 pipeline folder (half the
-    bytes; loaded back in fp32 by default), written to ``folder``."""
+    bytes; loaded back in fp32 by default), written to ``folder`` in the form the package ships it: package data
+    only, so without the one-line ``harmon_pipeline.py`` that ``save_pretrained`` adds for diffusers' generic
+    loader, and ``model_index.json`` naming the class plainly."""
     import torch
     from transformers import AutoTokenizer
 
     from harmon.model import HarmonModel
     from harmon.pipelines import HarmonPipeline
+    from harmon.pipelines.pipeline_harmon import PIPELINE_MODULE
 
     model = HarmonModel.from_pretrained(model_folder)
     tokenizer = AutoTokenizer.from_pretrained(str(model_folder))
     HarmonPipeline.from_model(model, tokenizer).to(torch.float16).save_pretrained(str(folder))
+    (Path(folder) / f"{PIPELINE_MODULE}.py").unlink()
+    index_path = Path(folder) / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["_class_name"] = HarmonPipeline.__name__
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return folder
 
 
