@@ -9,6 +9,13 @@ config as data"). Components are built through the single door ``create(name, **
         def __init__(self, config: MyEncoderConfig): ...
 
     enc = ENCODERS.create("my-encoder", hidden_size=512)
+    enc = ENCODERS.create("my-encoder", pretrained="my-encoder.safetensors")  # built, then its weights loaded
+
+Construction never reads a weight file: a config holds the architecture only. Pretrained weights are a separate,
+explicit step after building (timm's build-then-load), :func:`load_pretrained`: the component's own
+``load_pretrained(path)`` when it has one (a released format: a transformers folder, a taming or LDM checkpoint),
+else a state dict (``.safetensors`` or a torch file) whose keys must match exactly. Errors name the file and the
+keys.
 
 ``register`` checks at registration that the class provides the methods of the role's interface (a
 ``typing.Protocol``); ``create`` checks the built object against the protocol again (attributes such as
@@ -24,6 +31,7 @@ import fnmatch
 import importlib
 import importlib.metadata
 import inspect
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, TypeVar
@@ -185,10 +193,13 @@ class Registry(Generic[T]):
     def get(self, name: str) -> RegistryEntry:
         return self._lookup(name)
 
-    def create(self, name: str, **overrides: Any) -> T:
-        """Build the component registered as ``name``; ``overrides`` replace its default config values."""
+    def create(self, name: str, *, pretrained: str | os.PathLike | None = None, **overrides: Any) -> T:
+        """Build the component registered as ``name``; ``overrides`` replace its default config values. With
+        ``pretrained``, its weights are then loaded from that file / folder (:func:`load_pretrained`, strict)."""
         obj = self._lookup(name).build(**overrides)
         self.check(obj, name)
+        if pretrained is not None:
+            load_pretrained(obj, pretrained)
         return obj
 
     def check(self, obj: Any, name: str = "") -> None:
@@ -223,6 +234,29 @@ class Registry(Generic[T]):
 
     def __repr__(self) -> str:
         return f"Registry({self.role!r}, {len(self._entries)} entries)"
+
+
+def load_pretrained(component: Any, path: str | os.PathLike) -> Any:
+    """Load pretrained weights into a built ``component`` (in place; returned), strictly.
+
+    ``component.load_pretrained(path)`` reads the component's own released format when the class defines it;
+    otherwise ``path`` is a state dict file (``.safetensors``, or a torch checkpoint, unwrapped from ``model`` /
+    ``state_dict``) whose keys must equal the component's. Missing, unexpected and mis-shaped keys raise
+    :class:`~harmon.checkpoints.CheckpointKeyError` naming the file and the keys."""
+    from harmon.checkpoints import CheckpointKeyError, load_state_dict_strict, read_state_dict
+
+    source = os.fspath(path)
+    try:
+        loader = getattr(component, "load_pretrained", None)
+        if callable(loader):
+            loader(source)
+        else:
+            load_state_dict_strict(component, read_state_dict(source), source)
+    except CheckpointKeyError as error:
+        if source in str(error):
+            raise
+        raise CheckpointKeyError(f"{source}: {error}") from error
+    return component
 
 
 # plugins -------------------------------------------------------------------------------------------------------
