@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator,
 from pydantic_core import to_jsonable_python
 
 from harmon.encoders.vae import KLAutoencoderConfig
-from harmon.registry import BACKBONES, DECODERS, ENCODERS, HEADS, Registry, load_pretrained
+from harmon.registry import BACKBONES, DECODERS, ENCODERS, HEADS, Registry
 
 # importing the families registers them
 import harmon.backbones.qwen  # noqa: E402,F401
@@ -82,11 +82,11 @@ class ComponentSpec(BaseModel):
         """The component, randomly initialised: construction reads no weight file (see :meth:`load_pretrained`)."""
         return registry.create(self.name, **self.config)
 
-    def load_pretrained(self, component: Any) -> Any:
-        """Load ``pretrained`` into the built ``component`` (strict; errors name the file and the keys); a no-op
-        when this spec names no weights."""
+    def load_pretrained(self, component: Any, registry: Registry) -> Any:
+        """Load ``pretrained`` into ``component``, built by :meth:`build` from ``registry`` (strict; errors name the
+        file and the keys); a no-op when this spec names no weights."""
         if self.pretrained is not None:
-            load_pretrained(component, self.pretrained)
+            registry.load_pretrained(self.name, component, self.pretrained)
         return component
 
     def architecture(self) -> "ComponentSpec":
@@ -189,6 +189,9 @@ class HarmonConfig(BaseModel):
         return self.vae_stride * self.patch_size
 
     COMPONENT_ROLES: ClassVar[tuple[str, ...]] = ("encoder", "understanding_encoder", "decoder", "head", "backbone")
+    ROLE_REGISTRIES: ClassVar[dict[str, Registry]] = {
+        "encoder": ENCODERS, "understanding_encoder": ENCODERS, "decoder": DECODERS, "head": HEADS, "backbone": BACKBONES,
+    }
 
     def pretrained_weights(self) -> dict[str, str]:
         """``{role: path}`` of the components whose spec names ``pretrained`` weights."""

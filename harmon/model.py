@@ -161,7 +161,7 @@ class HarmonModel(nn.Module):
         keeps :meth:`HarmonConfig.architecture`: no weight path is stored, so :meth:`save_pretrained` writes none."""
         model = cls._construct(config.architecture())
         for role in config.pretrained_weights():
-            getattr(config, role).load_pretrained(model.component(role))
+            getattr(config, role).load_pretrained(model.component(role), HarmonConfig.ROLE_REGISTRIES[role])
         return model
 
     @classmethod

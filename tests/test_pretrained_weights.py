@@ -218,3 +218,36 @@ def test_an_old_style_saved_config_with_pretrained_paths_still_loads(weights, tm
     assert not keys_named(dict(loaded.harmon.config), "pretrained")  # and a re-save writes none
     core = HarmonCore(harmon_config=data["harmon_config"])  # building from it reads no file either
     assert not keys_named(dict(core.config), "pretrained")
+
+
+# ------------------------------------------------------------------------------------------ the backbone, training
+def test_the_backbone_loads_a_transformers_folder_strictly(tmp_path):
+    from safetensors.torch import load_file
+
+    from harmon.registry import BACKBONES
+
+    source = randomised(BACKBONES.create("qwen2-tiny"), seed=6)
+    source.save_pretrained(str(tmp_path / "qwen"))
+    assert_same_weights(BACKBONES.create("qwen2-tiny", pretrained=tmp_path / "qwen"), source.state_dict())
+    weights = load_file(str(tmp_path / "qwen" / "model.safetensors"))
+    del weights["model.norm.weight"]
+    save_file(weights, str(tmp_path / "qwen" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointKeyError, match=r"qwen does not fit Qwen2ForCausalLM: missing keys: model\.norm\.weight"):
+        BACKBONES.create("qwen2-tiny", pretrained=tmp_path / "qwen")  # transformers alone would re-initialise it
+
+
+def test_training_builds_then_loads_and_exports_no_weight_path(weights, tmp_path):
+    from harmon.registry import BACKBONES
+    from harmon.training.config import ModelSource
+    from harmon.training.modules import build_model
+
+    llm = randomised(BACKBONES.create("qwen2-tiny"), seed=7)
+    llm.save_pretrained(str(tmp_path / "qwen"))
+    source = ModelSource(preset="tiny", llm_weights=tmp_path / "qwen", config_overrides={
+        "encoder": {"name": "mar-tiny", "pretrained": str(weights["mar"])}})
+    model = build_model(source)
+    assert_same_weights(model.llm, llm.state_dict())
+    assert_same_weights(model.encoder, weights["mar_state"])
+    model.save_pretrained(tmp_path / "export")
+    saved = (tmp_path / "export" / HarmonModel.CONFIG_NAME).read_text()
+    assert not keys_named(json.loads(saved), "pretrained") and str(tmp_path / "qwen") not in saved
