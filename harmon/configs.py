@@ -59,11 +59,11 @@ class ComponentSpec(BaseModel):
         config = data.get("config")
         if isinstance(config, dict) and "pretrained" in config:  # the older spelling, inside the architecture
             config = dict(config)
-            legacy = config.pop("pretrained")
-            if data.get("pretrained") is not None and legacy is not None and os.fspath(legacy) != os.fspath(data["pretrained"]):
-                raise ValueError(f"pretrained is given twice ({data['pretrained']!r} and config.pretrained {legacy!r})")
+            legacy, given = config.pop("pretrained"), data.get("pretrained")
+            if given is not None and legacy is not None and os.fspath(legacy) != os.fspath(given):
+                raise ValueError(f"pretrained is given twice ({given!r} and config.pretrained {legacy!r})")
             data["config"] = config
-            data["pretrained"] = data.get("pretrained") if data.get("pretrained") is not None else legacy
+            data["pretrained"] = given if given is not None else legacy
         if isinstance(data.get("pretrained"), os.PathLike):
             data["pretrained"] = os.fspath(data["pretrained"])
         return data
@@ -190,7 +190,8 @@ class HarmonConfig(BaseModel):
 
     COMPONENT_ROLES: ClassVar[tuple[str, ...]] = ("encoder", "understanding_encoder", "decoder", "head", "backbone")
     ROLE_REGISTRIES: ClassVar[dict[str, Registry]] = {
-        "encoder": ENCODERS, "understanding_encoder": ENCODERS, "decoder": DECODERS, "head": HEADS, "backbone": BACKBONES,
+        "encoder": ENCODERS, "understanding_encoder": ENCODERS, "decoder": DECODERS, "head": HEADS,
+        "backbone": BACKBONES,
     }
 
     def pretrained_weights(self) -> dict[str, str]:

@@ -6,12 +6,13 @@ attention-pooling head is not built (Harmon's connector reads every patch). Prep
 
 Registered: ``siglip-base-patch16-{224,256,384,512}`` (the paper's decoupled baseline is SigLIP-Base-Patch16 at
 256 px), ``siglip-large-patch16-{256,384}``, ``siglip-so400m-patch14-{224,384}``, ``siglip`` (generic, base
-defaults) and ``siglip-tiny`` (tests). A preset gives random weights; ``ENCODERS.create(name, pretrained="<folder>")``
-builds it, then loads (:meth:`SiglipEncoder.load_pretrained`) a local transformers folder (a full ``SiglipModel`` as released, or a ``SiglipVisionModel``) with
-``SiglipVisionModel.from_pretrained``, strictly: the folder's architecture must equal the preset's, and any weight
-that is missing, or that is neither vision tower nor deliberately ignored (text tower, ``logit_scale`` /
-``logit_bias``, pooling head), is named in a :class:`~harmon.checkpoints.CheckpointKeyError`. A hub id is tried
-only when the hub can be reached; offline it fails at once, saying how to get a local folder.
+defaults) and ``siglip-tiny`` (tests). A preset gives random weights; ``ENCODERS.create(name,
+pretrained="<folder>")`` builds it, then loads (:meth:`SiglipEncoder.load_pretrained`) a local transformers folder
+(a full ``SiglipModel`` as released, or a ``SiglipVisionModel``) with ``SiglipVisionModel.from_pretrained``,
+strictly: the folder's architecture must equal the preset's, and any weight that is missing, or that is neither
+vision tower nor deliberately ignored (text tower, ``logit_scale`` / ``logit_bias``, pooling head), is named in a
+:class:`~harmon.checkpoints.CheckpointKeyError`. A hub id is tried only when the hub can be reached; offline it
+fails at once, saying how to get a local folder.
 """
 
 from __future__ import annotations
