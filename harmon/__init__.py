@@ -25,6 +25,7 @@ _EXPORTS = {
     "BACKBONES": "harmon.registry",
     "HEADS": "harmon.registry",
     "Registry": "harmon.registry",
+    "load_pretrained": "harmon.registry",
     "GeneratorRandomSource": "harmon.randomness",
     "ReplayRandomSource": "harmon.randomness",
     "CheckpointKeyError": "harmon.checkpoints",

@@ -11,7 +11,8 @@ Presets are data: ``harmon-0.5b``, ``harmon-1.5b``, ``tiny``, and the decoupled 
 from __future__ import annotations
 
 import copy
-from typing import Any
+import os
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 from pydantic_core import to_jsonable_python
@@ -29,12 +30,43 @@ import harmon.heads.diffusion  # noqa: E402,F401
 
 
 class ComponentSpec(BaseModel):
-    """A registered component by name, with overrides of its default config values."""
+    """A registered component by name, with overrides of its default config values (the architecture), and
+    optionally where its pretrained weights are.
+
+    ``pretrained`` is not architecture: it is never saved (``model_dump`` leaves it out, so a saved model's or
+    pipeline's config names no file on the saver's machine) and :meth:`build` never reads it. It is the separate
+    step after building, :meth:`load_pretrained` (:meth:`HarmonModel.from_config <harmon.model.HarmonModel.from_config>`
+    calls it for every role). Older saved configs wrote it inside ``config`` (``config: {pretrained: …}``): that
+    spelling is still read, moved here (and ignored when a saved folder is loaded: its weights are in the folder).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
     config: dict[str, Any] = Field(default_factory=dict)
+    pretrained: str | None = Field(
+        None, exclude=True,
+        description="weights loaded after building (registry.load_pretrained): the component's released format "
+        "(a transformers folder, a taming / LDM checkpoint) or a strict state dict file; never saved",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pretrained_out_of_the_architecture(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        config = data.get("config")
+        if isinstance(config, dict) and "pretrained" in config:  # the older spelling, inside the architecture
+            config = dict(config)
+            legacy, given = config.pop("pretrained"), data.get("pretrained")
+            if given is not None and legacy is not None and os.fspath(legacy) != os.fspath(given):
+                raise ValueError(f"pretrained is given twice ({given!r} and config.pretrained {legacy!r})")
+            data["config"] = config
+            data["pretrained"] = given if given is not None else legacy
+        if isinstance(data.get("pretrained"), os.PathLike):
+            data["pretrained"] = os.fspath(data["pretrained"])
+        return data
 
     @field_validator("config")
     @classmethod
@@ -47,7 +79,19 @@ class ComponentSpec(BaseModel):
         return registry.get(self.name).build_config(**self.config)
 
     def build(self, registry: Registry):
+        """The component, randomly initialised: construction reads no weight file (see :meth:`load_pretrained`)."""
         return registry.create(self.name, **self.config)
+
+    def load_pretrained(self, component: Any, registry: Registry) -> Any:
+        """Load ``pretrained`` into ``component``, built by :meth:`build` from ``registry`` (strict; errors name the
+        file and the keys); a no-op when this spec names no weights."""
+        if self.pretrained is not None:
+            registry.load_pretrained(self.name, component, self.pretrained)
+        return component
+
+    def architecture(self) -> "ComponentSpec":
+        """This spec without ``pretrained`` (what a saved config holds)."""
+        return self.model_copy(update={"pretrained": None})
 
 
 class PromptTemplate(BaseModel):
@@ -143,6 +187,22 @@ class HarmonConfig(BaseModel):
     def latent_stride(self) -> int:
         """Pixels per latent token along each side."""
         return self.vae_stride * self.patch_size
+
+    COMPONENT_ROLES: ClassVar[tuple[str, ...]] = ("encoder", "understanding_encoder", "decoder", "head", "backbone")
+    ROLE_REGISTRIES: ClassVar[dict[str, Registry]] = {
+        "encoder": ENCODERS, "understanding_encoder": ENCODERS, "decoder": DECODERS, "head": HEADS,
+        "backbone": BACKBONES,
+    }
+
+    def pretrained_weights(self) -> dict[str, str]:
+        """``{role: path}`` of the components whose spec names ``pretrained`` weights."""
+        specs = {role: getattr(self, role) for role in self.COMPONENT_ROLES}
+        return {role: spec.pretrained for role, spec in specs.items() if spec is not None and spec.pretrained}
+
+    def architecture(self) -> "HarmonConfig":
+        """This config with no ``pretrained`` weights named (what a saved model holds; equal once saved)."""
+        update = {role: getattr(self, role).architecture() for role in self.pretrained_weights()}
+        return self.model_copy(update=update) if update else self
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "HarmonConfig":

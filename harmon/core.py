@@ -8,7 +8,9 @@ config entry is the whole :class:`~harmon.configs.HarmonConfig` as a dict, so a 
 registered component by name.
 
 Every module is built here (from the config, or taken as given — the conversion of the original release and
-tests pass theirs): :class:`~harmon.model.HarmonModel` (training) and :class:`~harmon.pipelines.HarmonPipeline`
+tests pass theirs), randomly initialised: building reads no weight file, and a component spec's ``pretrained``
+weights are not part of the saved config (``HarmonModel.from_config`` loads them after building; a saved core's
+weights are its own files). :class:`~harmon.model.HarmonModel` (training) and :class:`~harmon.pipelines.HarmonPipeline`
 (inference) both use a core, never their own assembly. The entry points the sampling loop calls —
 :meth:`HarmonCore.visual_features` (also ``forward``), :meth:`HarmonCore.merge_llm_output`,
 :meth:`HarmonCore.token_conditions`, :meth:`HarmonCore.understanding_features` — are decorated with diffusers'
@@ -83,7 +85,9 @@ class HarmonCore(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, harmon_config: dict[str, Any] | None = None, components: dict[str, nn.Module] | None = None):
         super().__init__()
-        config = HarmonConfig.model_validate(harmon_config or {})
+        config = HarmonConfig.model_validate(harmon_config or {}).architecture()
+        if harmon_config is not None:  # saved as the architecture alone: an older config's weight path is dropped
+            self.register_to_config(harmon_config=config.model_dump(mode="json"))
         given = dict(components or {})
         unknown = sorted(set(given) - set(CORE_MODULES))
         if unknown:

@@ -33,7 +33,6 @@ from transformers import DynamicCache
 
 from harmon.checkpoints import load_state_dict_strict, read_state_dict
 from harmon.configs import HarmonConfig
-from harmon.encoders.common import saved_weights_follow
 from harmon.core import (
     CORE_MODULES, HarmonCore, embed_text, llm_hidden_states, prefill, splice_image_embeddings, through_llm,
 )
@@ -140,7 +139,7 @@ class HarmonModel(nn.Module):
         elif any(m is not None for m in (encoder, decoder, head, proj_in, proj_out, understanding_encoder,
                                           understanding_proj_in)):
             raise ValueError("give either core or the core's modules, not both")
-        self.config = config
+        self.config = config.architecture()  # a weight path is a build step, not part of the model
         self.__dict__["core"] = core  # not a submodule: its modules are registered below under their own names
         self.vae = vae
         self.llm = llm
@@ -157,8 +156,24 @@ class HarmonModel(nn.Module):
 
     @classmethod
     def from_config(cls, config: HarmonConfig) -> "HarmonModel":
-        """A randomly initialised model with every component built through its registry."""
+        """A model with every component built through its registry (random), then the ``pretrained`` weights the
+        config's component specs name loaded into their components (strict; timm's build-then-load). The model
+        keeps :meth:`HarmonConfig.architecture`: no weight path is stored, so :meth:`save_pretrained` writes none."""
+        model = cls._construct(config.architecture())
+        for role in config.pretrained_weights():
+            getattr(config, role).load_pretrained(model.component(role), HarmonConfig.ROLE_REGISTRIES[role])
+        return model
+
+    @classmethod
+    def _construct(cls, config: HarmonConfig) -> "HarmonModel":
+        """Every component built from ``config``, randomly initialised (no weight file read), in eval mode."""
         return cls(config, vae=build_kl_autoencoder(config.vae), llm=config.backbone.build(BACKBONES)).eval()
+
+    def component(self, role: str) -> nn.Module:
+        """The module of a :class:`HarmonConfig` component role (``backbone`` is ``llm``)."""
+        if role not in HarmonConfig.COMPONENT_ROLES:
+            raise ValueError(f"role: unknown component role {role!r}; known: {', '.join(HarmonConfig.COMPONENT_ROLES)}")
+        return self.llm if role == "backbone" else getattr(self, role)
 
     # -------------------------------------------------------------------------------------------- save / load
     CONFIG_NAME = "harmon_config.json"
@@ -180,8 +195,9 @@ class HarmonModel(nn.Module):
         for path in (config_path, weights_path):
             if not path.is_file():
                 raise FileNotFoundError(f"{folder} is not a saved HarmonModel: {path.name} is missing")
-        with saved_weights_follow():  # components' own pretrained weights are in the file: skip loading them
-            model = cls.from_config(HarmonConfig.model_validate_json(config_path.read_text()))
+        # built, not initialised from any pretrained weights (an older config's path is dropped): every tensor
+        # comes from the folder
+        model = cls._construct(HarmonConfig.model_validate_json(config_path.read_text()).architecture())
         state_dict = read_state_dict(weights_path)  # a truncated file is named
         _restore_tied_weights(model, state_dict)
         load_state_dict_strict(model, state_dict, str(weights_path))

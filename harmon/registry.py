@@ -9,6 +9,13 @@ config as data"). Components are built through the single door ``create(name, **
         def __init__(self, config: MyEncoderConfig): ...
 
     enc = ENCODERS.create("my-encoder", hidden_size=512)
+    enc = ENCODERS.create("my-encoder", pretrained="my-encoder.safetensors")  # built, then its weights loaded
+
+Construction never reads a weight file: a config holds the architecture only. Pretrained weights are a separate,
+explicit step after building (timm's build-then-load), :func:`load_pretrained`: the component's own
+``load_pretrained(path)`` when it has one (a released format: a transformers folder, a taming or LDM checkpoint),
+else a state dict (``.safetensors`` or a torch file) whose keys must match exactly. Errors name the file and the
+keys.
 
 ``register`` checks at registration that the class provides the methods of the role's interface (a
 ``typing.Protocol``); ``create`` checks the built object against the protocol again (attributes such as
@@ -24,6 +31,7 @@ import fnmatch
 import importlib
 import importlib.metadata
 import inspect
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, TypeVar
@@ -57,6 +65,7 @@ class RegistryEntry:
     defaults: dict[str, Any] = field(default_factory=dict)
     explicit_config_class: type[BaseModel] | None = None
     builder: Callable[[Any], Any] | None = None
+    weights_loader: Callable[[Any, str], None] | None = None
 
     @property
     def config_class(self) -> type[BaseModel] | None:
@@ -128,13 +137,16 @@ class Registry(Generic[T]):
         override: bool = False,
         config_class: type[BaseModel] | None = None,
         builder: Callable[[Any], Any] | None = None,
+        weights_loader: Callable[[Any, str], None] | None = None,
         **defaults: Any,
     ) -> RegistryEntry:
         """Register ``component`` (the class of the built objects) under ``name``.
 
         ``config_class`` (default ``component.config_class``) validates ``defaults`` and overrides; ``builder``
         (default ``component``) turns a config into an instance, for classes whose constructor takes another
-        config type (e.g. a transformers model).
+        config type (e.g. a transformers model); ``weights_loader(component, path)`` loads pretrained weights into
+        a built one (default: the component's ``load_pretrained``, else a strict state dict; :func:`load_pretrained`),
+        for classes that cannot carry the method (a transformers model loading its own folders).
         """
         if not isinstance(name, str) or not name:
             raise ValueError(f"{self.role} registry: a name must be a non-empty string, got {name!r}")
@@ -142,7 +154,8 @@ class Registry(Generic[T]):
             raise InterfaceError(f"{self.role} registry: {name!r} must register a class, got {component!r}")
         existing = self._entries.get(name)
         same = existing is not None and (existing.component, existing.defaults, existing.explicit_config_class,
-                                         existing.builder) == (component, defaults, config_class, builder)
+                                         existing.builder, existing.weights_loader) == (
+            component, defaults, config_class, builder, weights_loader)
         if existing is not None and not override and not same:  # only an identical re-registration is a no-op
             what = "" if existing.component is not component else f" with defaults {existing.defaults}"
             raise DuplicateComponentError(
@@ -157,7 +170,7 @@ class Registry(Generic[T]):
                     f"{component.__qualname__} cannot be registered as {self.role} {name!r}: it lacks "
                     f"{', '.join(missing)} required by {self.interface.__name__}"
                 )
-        entry = RegistryEntry(name, component, dict(defaults), config_class, builder)
+        entry = RegistryEntry(name, component, dict(defaults), config_class, builder, weights_loader)
         if entry.config_class is not None and defaults:
             entry.build_config()  # bad defaults fail now, naming the field, not at first use
         self._entries[name] = entry
@@ -185,11 +198,19 @@ class Registry(Generic[T]):
     def get(self, name: str) -> RegistryEntry:
         return self._lookup(name)
 
-    def create(self, name: str, **overrides: Any) -> T:
-        """Build the component registered as ``name``; ``overrides`` replace its default config values."""
+    def create(self, name: str, *, pretrained: str | os.PathLike | None = None, **overrides: Any) -> T:
+        """Build the component registered as ``name``; ``overrides`` replace its default config values. With
+        ``pretrained``, its weights are then loaded from that file / folder (:func:`load_pretrained`, strict)."""
         obj = self._lookup(name).build(**overrides)
         self.check(obj, name)
+        if pretrained is not None:
+            self.load_pretrained(name, obj, pretrained)
         return obj
+
+    def load_pretrained(self, name: str, component: Any, path: str | os.PathLike) -> Any:
+        """Load ``path`` into ``component``, built as ``name``, with that entry's weights loader
+        (:func:`load_pretrained`)."""
+        return load_pretrained(component, path, self._lookup(name).weights_loader)
 
     def check(self, obj: Any, name: str = "") -> None:
         """Raise :class:`InterfaceError` when ``obj`` lacks a member of the role's interface."""
@@ -223,6 +244,34 @@ class Registry(Generic[T]):
 
     def __repr__(self) -> str:
         return f"Registry({self.role!r}, {len(self._entries)} entries)"
+
+
+def load_pretrained(
+    component: Any, path: str | os.PathLike, loader: Callable[[Any, str], None] | None = None
+) -> Any:
+    """Load pretrained weights into a built ``component`` (in place; returned), strictly.
+
+    ``loader(component, path)`` when given (a registry entry's ``weights_loader``), else
+    ``component.load_pretrained(path)``, reads the component's own released format; otherwise ``path`` is a state
+    dict file (``.safetensors``, or a torch checkpoint, unwrapped from ``model`` /
+    ``state_dict``) whose keys must equal the component's. Missing, unexpected and mis-shaped keys raise
+    :class:`~harmon.checkpoints.CheckpointKeyError` naming the file and the keys."""
+    from harmon.checkpoints import CheckpointKeyError, load_state_dict_strict, read_state_dict
+
+    source = os.fspath(path)
+    try:
+        method = getattr(component, "load_pretrained", None)
+        if loader is not None:
+            loader(component, source)
+        elif callable(method):
+            method(source)
+        else:
+            load_state_dict_strict(component, read_state_dict(source), source)
+    except CheckpointKeyError as error:
+        if source in str(error):
+            raise
+        raise CheckpointKeyError(f"{source}: {error}") from error
+    return component
 
 
 # plugins -------------------------------------------------------------------------------------------------------

@@ -160,7 +160,7 @@ def test_full_configurations_are_the_paper_scale_recipes(tmp_path):
     stage3 = {p.name: p.runs[-1].config.data.image_size for p in plans["resolution"]}
     assert stage3 == {"res256": 256, "res384": 384, "res512": 512}
     decoupled = plans["shared_decoupled"][1].runs[0].config.model.config_overrides["understanding_encoder"]
-    assert decoupled["name"] == "siglip-base-patch16-256" and decoupled["config"]["pretrained"]
+    assert decoupled["name"] == "siglip-base-patch16-256" and decoupled["pretrained"]  # weights: not in its config
     encoders = {p.name: p.runs[0].config.model for p in plans["encoders"]}
     assert {k: m.config_overrides.get("understanding_encoder", {}).get("name") for k, m in encoders.items()} == {
         "siglip": "siglip-base-patch16-256", "vqgan": "vqgan-f16", "vae": "vae-kl16", "mar": None}

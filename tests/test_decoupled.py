@@ -211,8 +211,9 @@ def test_shared_pipeline_info_and_saved_keys(shared, tmp_path):
 
 
 def test_a_pretrained_understanding_encoder_is_not_reloaded_from_its_folder(tmp_path):
-    """``pretrained`` initialises the encoder once; saved models and pipelines carry its weights, so loading them
-    works after the folder is gone."""
+    """``pretrained`` initialises the encoder once, after building; saved models and pipelines carry its weights
+    and no path to it, so loading them works after the folder is gone (tests/test_pretrained_weights.py has the
+    rest of the contract)."""
     import shutil
 
     from transformers import SiglipConfig, SiglipModel
@@ -224,7 +225,7 @@ def test_a_pretrained_understanding_encoder_is_not_reloaded_from_its_folder(tmp_
     released = SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).eval()
     folder = tmp_path / "siglip"
     released.save_pretrained(str(folder))
-    pipe = make_pipe(ComponentSpec(name="siglip-tiny", config={"pretrained": str(folder)}))
+    pipe = make_pipe(ComponentSpec(name="siglip-tiny", pretrained=str(folder)))
     encoder = pipe.model.understanding_encoder
     assert torch.equal(encoder.model.embeddings.patch_embedding.weight,
                        released.vision_model.embeddings.patch_embedding.weight)
@@ -235,8 +236,10 @@ def test_a_pretrained_understanding_encoder_is_not_reloaded_from_its_folder(tmp_
     loaded = HarmonPipeline.from_pretrained(tmp_path / "pipe")
     assert torch.equal(loaded.model.image_embeddings(pixels()), expected)
     assert torch.equal(HarmonModel.from_pretrained(tmp_path / "model").image_embeddings(pixels()), expected)
-    with pytest.raises(FileNotFoundError, match="no such folder"):  # a fresh build does need the folder
-        HarmonModel.from_config(loaded.model.config)
+    assert loaded.model.config.understanding_encoder.pretrained is None  # the loaded config names no weights
+    with pytest.raises(FileNotFoundError, match="no such folder"):  # a fresh build asked for them does need them
+        HarmonModel.from_config(HarmonConfig.from_preset(
+            "tiny", understanding_encoder=ComponentSpec(name="siglip-tiny", pretrained=str(folder))))
 
 
 # -------------------------------------------------------------------------------------------- errors

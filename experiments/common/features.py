@@ -21,7 +21,6 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from harmon import ENCODERS, HarmonModel, HarmonPipeline
-from harmon.checkpoints import load_state_dict_strict, read_state_dict
 from harmon.encoders.vae import KLAutoencoderConfig, build_kl_autoencoder, load_ldm_kl_checkpoint
 from harmon.interfaces import GenerationEncoder
 
@@ -305,23 +304,18 @@ def load_kl_vae(vae: str | os.PathLike | None, config: KLAutoencoderConfig | Non
 
 
 def build_registered_encoder(name: str, weights: str | None, overrides: dict[str, Any]) -> nn.Module:
-    """``ENCODERS.create(name, **overrides)`` with ``weights``: through the component's own ``pretrained`` config
-    field when it has one (SigLIP: a transformers folder; VQGAN: a taming ``.ckpt``; KL VAE: ``kl16.ckpt``), else
-    loaded strictly from a state-dict file (or a folder holding one ``*.safetensors``)."""
-    config_class = ENCODERS.get(name).config_class
-    if weights and config_class is not None and "pretrained" in config_class.model_fields:
-        return ENCODERS.create(name, **{**overrides, "pretrained": str(weights)})
-    encoder = ENCODERS.create(name, **overrides)
-    if weights:
+    """``ENCODERS.create(name, pretrained=weights, **overrides)``: built, then ``weights`` loaded strictly — the
+    component's own released format when it has one (SigLIP: a transformers folder; VQGAN: a taming ``.ckpt``; KL
+    VAE: ``kl16.ckpt``), else a state-dict file (or a folder holding one ``*.safetensors``)."""
+    if weights and not callable(getattr(ENCODERS.get(name).component, "load_pretrained", None)):
         path = Path(weights)
         if path.is_dir():
             files = sorted(path.glob("*.safetensors"))
             if len(files) != 1:
                 raise SystemExit(f"{path}: expected one *.safetensors file with the encoder's weights, found "
                                  f"{[f.name for f in files]}")
-            path = files[0]
-        load_state_dict_strict(encoder, read_state_dict(path), str(path))
-    return encoder
+            weights = str(files[0])
+    return ENCODERS.create(name, pretrained=weights or None, **overrides)
 
 
 def load_encoder(

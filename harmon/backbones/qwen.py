@@ -106,5 +106,24 @@ def qwen_from_config(config: Qwen2Config) -> Qwen2ForCausalLM:
     return Qwen2ForCausalLM(config).eval()
 
 
+def load_qwen_weights(model: Qwen2ForCausalLM, folder: str | os.PathLike) -> None:
+    """Load a local transformers Qwen folder's weights into the built ``model``, strictly (the backbone's
+    ``pretrained``; errors name the folder and the keys)."""
+    from harmon.checkpoints import CheckpointKeyError, load_state_dict_strict
+
+    load_qwen_config(folder)  # a folder that is not a Qwen model folder is named
+    pretrained, info = Qwen2ForCausalLM.from_pretrained(str(folder), dtype=torch.float32, output_loading_info=True)
+    problems = [  # transformers would initialise a missing tensor at random: judged here instead
+        f"{label}: {', '.join(sorted(str(k) for k in keys))}"
+        for label, keys in (("missing keys", info["missing_keys"]), ("unexpected keys", info["unexpected_keys"]),
+                            ("mis-shaped keys", info.get("mismatched_keys", ())))
+        if keys
+    ]
+    if problems:
+        raise CheckpointKeyError(f"{folder} does not fit Qwen2ForCausalLM: " + "; ".join(problems))
+    load_state_dict_strict(model, pretrained.state_dict(), str(folder))
+
+
 for _name, _preset in QWEN_PRESETS.items():
-    BACKBONES.add(_name, Qwen2ForCausalLM, config_class=QwenBackboneConfig, builder=build_qwen_backbone, **_preset)
+    BACKBONES.add(_name, Qwen2ForCausalLM, config_class=QwenBackboneConfig, builder=build_qwen_backbone,
+                  weights_loader=load_qwen_weights, **_preset)

@@ -1,5 +1,5 @@
 """What the pixel (understanding) encoder families share: the preprocessing convention, a mixin that implements
-it from ``image_size`` / ``image_mean`` / ``image_std``, and the rules for initialising from pretrained weights.
+it from ``image_size`` / ``image_mean`` / ``image_std``, and small helpers of their weight loading.
 
 Preprocessing convention (:class:`~harmon.interfaces.UnderstandingEncoder`): pixels arrive as ``(B, 3, H, W)``
 floats in [-1, 1], as everywhere in harmon. ``preprocess`` pads a non-square image to a square with the gray
@@ -8,44 +8,23 @@ has that size) and normalises it per channel like a transformers image processor
 ``((pixels + 1) / 2 - mean) / std``. With ``mean = std = 0.5`` (SigLIP, VQGAN, the KL VAE) that is the identity,
 so the [-1, 1] pixels pass through unchanged. ``encode`` takes ``preprocess``'s output.
 
-Pretrained weights: the built-in pixel encoders accept ``pretrained`` in their config (a local folder or an
-original-layout checkpoint) and load it when built. A saved Harmon model or pipeline already holds those weights,
-so loading one builds its encoders inside :func:`saved_weights_follow`, which skips that initial load (and the
-folder need not exist any more).
+Pretrained weights are never read when an encoder is built: its config is the architecture only. Each built-in
+pixel encoder has ``load_pretrained(path)`` for its released format (a transformers folder, a taming or LDM
+checkpoint), which :func:`harmon.registry.load_pretrained` calls after building (``ENCODERS.create(name,
+pretrained=path)``, or a :class:`~harmon.configs.ComponentSpec`'s ``pretrained``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import os
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 GRAY = 2 * 127 / 255 - 1  # the pipeline's (127, 127, 127) padding, in [-1, 1]
 IDENTITY_MEAN_STD = (0.5, 0.5, 0.5)  # [0, 1] normalised with mean = std = 0.5 is exactly the [-1, 1] range
-
-_SAVED_WEIGHTS_FOLLOW: contextvars.ContextVar[bool] = contextvars.ContextVar("harmon_saved_weights_follow", default=False)
-
-
-@contextlib.contextmanager
-def saved_weights_follow() -> Iterator[None]:
-    """Inside this block, components built from a config skip loading their ``pretrained`` weights: the caller
-    overwrites every tensor right after (loading a saved model or pipeline, building on the meta device)."""
-    token = _SAVED_WEIGHTS_FOLLOW.set(True)
-    try:
-        yield
-    finally:
-        _SAVED_WEIGHTS_FOLLOW.reset(token)
-
-
-def should_load_pretrained(pretrained: str | None) -> bool:
-    """Whether a component built now should read its ``pretrained`` weights."""
-    return pretrained is not None and not _SAVED_WEIGHTS_FOLLOW.get()
-
 
 def preprocess_pixels(
     pixels: torch.Tensor, size: int, mean: Sequence[float] = IDENTITY_MEAN_STD, std: Sequence[float] = IDENTITY_MEAN_STD
@@ -141,6 +120,4 @@ __all__ = [
     "PixelPreprocessing",
     "fail_fast_for_hub_id",
     "preprocess_pixels",
-    "saved_weights_follow",
-    "should_load_pretrained",
 ]

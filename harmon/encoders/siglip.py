@@ -6,12 +6,13 @@ attention-pooling head is not built (Harmon's connector reads every patch). Prep
 
 Registered: ``siglip-base-patch16-{224,256,384,512}`` (the paper's decoupled baseline is SigLIP-Base-Patch16 at
 256 px), ``siglip-large-patch16-{256,384}``, ``siglip-so400m-patch14-{224,384}``, ``siglip`` (generic, base
-defaults) and ``siglip-tiny`` (tests). A preset gives random weights; ``pretrained="<folder>"`` loads a local
-transformers folder (a full ``SiglipModel`` as released, or a ``SiglipVisionModel``) with
-``SiglipVisionModel.from_pretrained``, strictly: the folder's architecture must equal the preset's, and any weight
-that is missing, or that is neither vision tower nor deliberately ignored (text tower, ``logit_scale`` /
-``logit_bias``, pooling head), is named in a :class:`~harmon.checkpoints.CheckpointKeyError`. A hub id is tried
-only when the hub can be reached; offline it fails at once, saying how to get a local folder.
+defaults) and ``siglip-tiny`` (tests). A preset gives random weights; ``ENCODERS.create(name,
+pretrained="<folder>")`` builds it, then loads (:meth:`SiglipEncoder.load_pretrained`) a local transformers folder
+(a full ``SiglipModel`` as released, or a ``SiglipVisionModel``) with ``SiglipVisionModel.from_pretrained``,
+strictly: the folder's architecture must equal the preset's, and any weight that is missing, or that is neither
+vision tower nor deliberately ignored (text tower, ``logit_scale`` / ``logit_bias``, pooling head), is named in a
+:class:`~harmon.checkpoints.CheckpointKeyError`. A hub id is tried only when the hub can be reached; offline it
+fails at once, saying how to get a local folder.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from harmon.encoders.common import (
     ConfiguredPixelPreprocessing,
     fail_fast_for_hub_id,
     module_dtype,
-    should_load_pretrained,
 )
 from harmon.registry import ENCODERS
 
@@ -61,7 +61,6 @@ class SiglipEncoderConfig(BaseModel):
     attention_dropout: float = Field(0.0, ge=0, lt=1)
     image_mean: tuple[float, float, float] = IDENTITY_MEAN_STD
     image_std: tuple[float, float, float] = IDENTITY_MEAN_STD
-    pretrained: str | None = Field(None, description="a local transformers folder (or a hub id, online only)")
 
     @model_validator(mode="after")
     def _check(self) -> SiglipEncoderConfig:
@@ -74,7 +73,7 @@ class SiglipEncoderConfig(BaseModel):
         return self
 
     def to_transformers(self) -> SiglipVisionConfig:
-        fields = self.model_dump(exclude={"image_mean", "image_std", "pretrained"})
+        fields = self.model_dump(exclude={"image_mean", "image_std"})
         return SiglipVisionConfig(**fields, vision_use_head=False)
 
 
@@ -175,17 +174,19 @@ class SiglipEncoder(ConfiguredPixelPreprocessing, nn.Module):
         super().__init__()
         config = config if config is not None else SiglipEncoderConfig(**kwargs)
         self.config = config
-        if should_load_pretrained(config.pretrained):
-            self.model = load_siglip_vision_model(config.pretrained, config)
-        else:
-            self.model = SiglipVisionModel(config.to_transformers())
+        self.model = SiglipVisionModel(config.to_transformers())  # random: weights are loaded after building
+
+    def load_pretrained(self, folder: str | os.PathLike) -> None:
+        """Load a released transformers folder (or a reachable hub id) into the built model, strictly
+        (:func:`load_siglip_vision_model`: the folder's architecture must be this config's)."""
+        self.model.load_state_dict(load_siglip_vision_model(folder, self.config).state_dict(), strict=True)
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, preset: str = "siglip", **overrides: Any) -> "SiglipEncoder":
         """An encoder whose architecture is read from ``folder``'s config, with its weights."""
         vision = SiglipVisionConfig.from_pretrained(str(folder)) if os.path.isdir(folder) else None
         fields = {f: getattr(vision, f) for f in ARCHITECTURE_FIELDS} if vision is not None else {}
-        return ENCODERS.create(preset, **{**fields, "pretrained": str(folder), **overrides})
+        return ENCODERS.create(preset, pretrained=str(folder), **{**fields, **overrides})
 
     @property
     def hidden_size(self) -> int:

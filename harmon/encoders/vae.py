@@ -48,7 +48,6 @@ from harmon.encoders.common import (
     IDENTITY_MEAN_STD,
     ConfiguredPixelPreprocessing,
     module_dtype,
-    should_load_pretrained,
 )
 from harmon.registry import ENCODERS
 
@@ -362,7 +361,6 @@ class KLFeatureEncoderConfig(KLAutoencoderConfig):
     scale: float = Field(1.0, gt=0)  # features = posterior mode × scale (Harmon's tokens use 0.2325)
     image_mean: tuple[float, float, float] = IDENTITY_MEAN_STD
     image_std: tuple[float, float, float] = IDENTITY_MEAN_STD
-    pretrained: str | None = None  # an original-layout checkpoint (kl16.ckpt), loaded strictly when built
 
     @model_validator(mode="after")
     def _image_fits_the_stride(self) -> KLFeatureEncoderConfig:
@@ -378,7 +376,7 @@ class KLFeatureEncoderConfig(KLAutoencoderConfig):
 class KLFeatureEncoder(ConfiguredPixelPreprocessing, nn.Module):
     """Pixels → the KL VAE's posterior mode × ``scale`` as features ``(B, m·n, embed_dim)`` (m = n =
     image_size / stride). The whole diffusers ``AutoencoderKL`` is kept (``.vae``), so ``kl16.ckpt`` loads
-    strictly through :func:`load_ldm_kl_checkpoint`."""
+    strictly (:meth:`KLFeatureEncoder.load_pretrained`, after building)."""
 
     config_class = KLFeatureEncoderConfig
 
@@ -386,10 +384,12 @@ class KLFeatureEncoder(ConfiguredPixelPreprocessing, nn.Module):
         super().__init__()
         config = config if config is not None else KLFeatureEncoderConfig(**kwargs)
         self.config = config
-        if should_load_pretrained(config.pretrained):
-            self.vae = load_ldm_kl_checkpoint(config.pretrained, config.autoencoder())
-        else:
-            self.vae = build_kl_autoencoder(config.autoencoder())
+        self.vae = build_kl_autoencoder(config.autoencoder())  # random: weights are loaded after building
+
+    def load_pretrained(self, path: str | os.PathLike) -> None:
+        """Load an original-layout checkpoint (``kl16.ckpt``) into the built autoencoder, strictly."""
+        self.vae.load_state_dict(convert_ldm_kl_state_dict(read_state_dict(path), self.config.autoencoder()),
+                                 strict=True)
 
     @property
     def hidden_size(self) -> int:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from diffusers import VQModel
 from einops import rearrange
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, PositiveInt, model_validator
 from torch import Tensor, nn
 
 from harmon.checkpoints import read_state_dict
@@ -28,7 +28,6 @@ from harmon.encoders.common import (
     IDENTITY_MEAN_STD,
     ConfiguredPixelPreprocessing,
     module_dtype,
-    should_load_pretrained,
 )
 from harmon.encoders.vae import (
     convert_autoencoder_state_dict_to_ldm,
@@ -63,7 +62,6 @@ class VQGANEncoderConfig(BaseModel):
     image_size: PositiveInt = 256
     image_mean: tuple[float, float, float] = IDENTITY_MEAN_STD  # taming reads [-1, 1] pixels
     image_std: tuple[float, float, float] = IDENTITY_MEAN_STD
-    pretrained: str | None = Field(None, description="a taming checkpoint (.ckpt), loaded strictly when built")
 
     @model_validator(mode="after")
     def _check(self) -> VQGANEncoderConfig:
@@ -152,10 +150,12 @@ class VQGANEncoder(ConfiguredPixelPreprocessing, nn.Module):
         super().__init__()
         config = config if config is not None else VQGANEncoderConfig(**kwargs)
         self.config = config
-        if should_load_pretrained(config.pretrained):
-            self.vqgan = load_taming_vqgan_checkpoint(config.pretrained, config)
-        else:
-            self.vqgan = build_vqgan(config)
+        self.vqgan = build_vqgan(config)  # random: weights are loaded after building
+
+    def load_pretrained(self, path: str | os.PathLike) -> None:
+        """Load a taming checkpoint (``{'state_dict': …}`` or bare; ``loss.*`` ignored) into the built model,
+        strictly (:func:`convert_taming_vqgan_state_dict` names bad keys)."""
+        self.vqgan.load_state_dict(convert_taming_vqgan_state_dict(read_state_dict(path), self.config), strict=True)
 
     @property
     def hidden_size(self) -> int:

@@ -23,7 +23,7 @@ from transformers import PreTrainedModel
 
 from harmon.checkpoints import IncompleteFolderError, check_pipeline_folder, read_json_file
 from harmon.core import HarmonCore, prefill, splice_image_embeddings, through_llm
-from harmon.encoders.common import fail_fast_for_hub_id, saved_weights_follow
+from harmon.encoders.common import fail_fast_for_hub_id
 from harmon.heads.diffusion import adm_scheduler_for
 from harmon.image_conditioning import image_generation_rows, image_prompt_embeddings, prefill_embeddings
 from harmon.latents import latents_to_tokens, tokens_to_latents, vae_encode
@@ -181,8 +181,7 @@ class HarmonPipeline(DiffusionPipeline):
             # transformers 5 loads the LLM in its saved dtype ("auto"), so an fp16 folder gave a float16 LLM next to
             # a float32 core ("mat1 and mat2 must have the same dtype" at the first step)
             kwargs["dtype"] = torch.float32
-        with saved_weights_follow():  # the saved core holds its encoders' weights: no pretrained re-load
-            pipe = super().from_pretrained(str(path), **kwargs)
+        pipe = super().from_pretrained(str(path), **kwargs)  # building reads no weight file: all come from here
         if attn_implementation is not None:
             pipe.set_attn_implementation(attn_implementation)
         return pipe
@@ -776,7 +775,7 @@ def _meta_core(folder: Path) -> HarmonCore:
     config_path = folder / "config.json"
     harmon_config = read_json_file(config_path, "HarmonCore config").get("harmon_config")
     try:
-        with torch.device("meta"), saved_weights_follow():
+        with torch.device("meta"):
             return HarmonCore(harmon_config=harmon_config)
     except (ValueError, TypeError, KeyError) as error:
         raise IncompleteFolderError(f"{config_path}: its harmon_config is not a valid HarmonConfig ({error})") from None

@@ -72,7 +72,8 @@ class ModelSource(_Strict):
     config_overrides: dict[str, Any] = Field(
         default_factory=dict,
         description="HarmonConfig fields set over the preset (preset only), e.g. a decoupled understanding encoder: "
-        "{understanding_encoder: {name: siglip-base-patch16-256, config: {pretrained: <folder>}}}",
+        "{understanding_encoder: {name: siglip-base-patch16-256, pretrained: <folder>}} (weights loaded after "
+        "building)",
     )
     image_token: str = "<image>"
 

@@ -42,18 +42,15 @@ def load_tokenizer(source: ModelSource):
 
 
 def build_model(source: ModelSource) -> HarmonModel:
-    """A model from a preset (random init; ``llm_weights`` / ``vae_checkpoint`` loaded when given) or a folder."""
+    """A model from a preset (built, then ``llm_weights`` / ``vae_checkpoint`` and any component spec's
+    ``pretrained`` weights loaded, strictly) or a folder."""
     if source.pretrained is not None:
         return HarmonModel.from_pretrained(source.pretrained)
-    model = HarmonModel.from_config(source.harmon_config())  # the preset, config_overrides applied
-    if source.llm_weights is not None:
-        from transformers import AutoModelForCausalLM
-
-        from harmon.checkpoints import load_state_dict_strict
-
-        pretrained = AutoModelForCausalLM.from_pretrained(str(source.llm_weights), dtype=torch.float32)
-        load_state_dict_strict(model.llm, pretrained.state_dict(), str(source.llm_weights))
-        del pretrained
+    config = source.harmon_config()  # the preset, config_overrides applied
+    if source.llm_weights is not None:  # the backbone's pretrained weights: loaded after building, never saved
+        config = config.model_copy(update={"backbone": config.backbone.model_copy(
+            update={"pretrained": str(source.llm_weights)})})
+    model = HarmonModel.from_config(config)  # built, then every component spec's pretrained weights loaded
     if source.vae_checkpoint is not None:
         from harmon.encoders.vae import load_ldm_kl_checkpoint
 
