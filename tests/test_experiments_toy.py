@@ -52,3 +52,32 @@ def test_toy_reproduction_smoke(tmp_path):
     with Image.open(tmp_path / "probe_accuracy.png") as plot:
         assert plot.size == (600, 320)
     assert (tmp_path / "config.json").is_file() and out["seconds"] > 0
+
+
+def test_toy_studies_runs_every_variant_and_resumes(tmp_path, monkeypatch):
+    """experiments/toy_studies.py on a few steps: every variant trains from one prepared VAE, is scored, probed and
+    tabulated; a second call finds the results and trains nothing."""
+    import json
+
+    from experiments import toy_studies
+
+    monkeypatch.setattr(toy_studies, "PROBE_TRAIN", 40)
+    monkeypatch.setattr(toy_studies, "PROBE_TEST", 20)
+    argv = ["--out", str(tmp_path), "--seeds", "0", "--steps", "3", "--prompts", "2", "--canvases", "2",
+            "--mar-steps", "2", "--num-images", "40", "--vae-steps", "2"]
+    assert toy_studies.main(argv) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == list(toy_studies.VARIANTS)
+    for row in rows:
+        for key in ("geneval/overall", "understanding/overall", "probe/generation_encoder", "probe/understanding_path"):
+            assert 0.0 <= row[key] <= 1.0, (row["variant"], key, row[key])
+    decoupled = json.loads((tmp_path / "decoupled-seed0" / "init" / "harmon_config.json").read_text())
+    assert decoupled["understanding_encoder"]["name"] == "mar"
+    table = (tmp_path / "table.md").read_text()
+    assert all(f"| {name} (n=1)" in table for name in toy_studies.VARIANTS)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished variant was trained again")
+
+    monkeypatch.setattr(toy_studies, "run_variant", no_training)
+    assert toy_studies.main(argv) == 0
