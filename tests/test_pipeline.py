@@ -234,6 +234,24 @@ def test_bad_generation_arguments_name_the_argument(pipe, kwargs, error, argumen
         pipe(**kwargs)
 
 
+def test_a_truncated_file_is_refused_even_when_pil_was_told_to_accept_them(tmp_path, monkeypatch):
+    # lmms-eval sets PIL.ImageFile.LOAD_TRUNCATED_IMAGES = True when imported; a suite (or a user's process) that
+    # imported it then decoded truncated files silently (seen in CI: two "DID NOT RAISE" tests after the harness test)
+    import PIL.ImageFile
+
+    from harmon.pipelines.image_processing import load_image
+
+    good = tmp_path / "good.png"
+    PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(good)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    monkeypatch.setattr(PIL.ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with pytest.raises(ValueError, match="truncated.png"):
+        load_image(truncated)
+    assert PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True  # the process's own setting is left as it was
+    assert load_image(good).size == (64, 64)
+
+
 def test_bad_understanding_inputs(pipe, tmp_path):
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")

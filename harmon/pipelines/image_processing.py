@@ -12,13 +12,16 @@ bomb or a 1×100000 strip, whose gray square would take 30 GB), and NaN / infini
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Union
 
 import numpy as np
 import PIL.Image
+import PIL.ImageFile
 import PIL.ImageOps
 import torch
 from diffusers.image_processor import VaeImageProcessor
@@ -44,15 +47,34 @@ def check_image_size(width: int, height: int, argument: str) -> None:
         )
 
 
+_STRICT_DECODING = threading.Lock()
+
+
+@contextlib.contextmanager
+def _truncated_files_refused() -> Iterator[None]:
+    """PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES`` off while a file decodes, whatever the process set: it is a
+    module-wide switch that other libraries turn on at import (lmms-eval's ``api/task.py`` does), after which a
+    truncated file decodes silently with its missing rows filled in."""
+    with _STRICT_DECODING:
+        previous = PIL.ImageFile.LOAD_TRUNCATED_IMAGES
+        PIL.ImageFile.LOAD_TRUNCATED_IMAGES = False
+        try:
+            yield
+        finally:
+            PIL.ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
 def open_image_file(path: str | os.PathLike, argument: str = "image") -> PIL.Image.Image:
-    """A fully decoded PIL image from a file, its size checked on the header before any pixel is decoded."""
+    """A fully decoded PIL image from a file, its size checked on the header before any pixel is decoded; a
+    truncated or corrupt file is refused (:func:`_truncated_files_refused`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{argument}: no such image file: {path}")
     try:
         with PIL.Image.open(path) as opened:
             check_image_size(opened.width, opened.height, f"{argument} ({path})")
-            opened.load()
+            with _truncated_files_refused():
+                opened.load()
             return opened.copy()
     except PIL.Image.DecompressionBombError as error:  # PIL's own limit tripped while reading the header
         raise ValueError(
