@@ -27,6 +27,19 @@ EXISTING_FILES = ("image", "prompts_file", "harmon", "vae", "config")
 EXISTING_FOLDERS = ("pipeline", "llm")
 
 
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """The text → image sampling flags every generating verb takes (``harmon generate`` and the benchmark writers
+    of ``harmon.evaluation.cli``): size, MAR steps, guidance, temperature, sampler."""
+    parser.add_argument("--height", type=int)
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--guidance-scale", type=float, default=3.0)
+    parser.add_argument("--guidance-schedule", choices=("constant", "linear"), default="constant")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--sampler", choices=("exact", "plain", "fast"), default="exact",
+                        help="exact (default), plain (reference loop) or fast (fewer head denoising steps)")
+    parser.add_argument("--head-steps", type=int, help="head denoising steps with --sampler fast")
+
 def validate_arguments(args: argparse.Namespace) -> None:
     """Raise ``ValueError`` naming the first bad argument (``--batch-size``, a missing ``--image`` file, …)."""
     from harmon.validation import check_batch, check_int, check_number, check_seed
@@ -366,15 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--num-images", type=int, default=1, help="images per prompt")
     gen.add_argument("--batch-size", type=int, default=1, help="prompts per pipeline call")
-    gen.add_argument("--height", type=int)
-    gen.add_argument("--width", type=int)
-    gen.add_argument("--steps", type=int, default=64)
-    gen.add_argument("--guidance-scale", type=float, default=3.0)
-    gen.add_argument("--guidance-schedule", choices=("constant", "linear"), default="constant")
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--sampler", choices=("exact", "plain", "fast"), default="exact",
-                     help="exact (default), plain (reference loop) or fast (fewer head denoising steps)")
-    gen.add_argument("--head-steps", type=int, help="head denoising steps with --sampler fast")
+    add_sampling_arguments(gen)
     gen.add_argument("--grid", action="store_true", help="also save a grid of each prompt's images")
     gen.add_argument("--grid-columns", type=int)
     gen.set_defaults(func=cmd_generate)

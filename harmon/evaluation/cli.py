@@ -10,6 +10,8 @@ import argparse
 import json
 import sys
 
+from harmon.cli import add_sampling_arguments
+
 
 def _pipeline_and_sampler(args):
     import torch
@@ -113,14 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("pipeline", help="a HarmonPipeline folder")
         command.add_argument("--outdir", required=True)
         command.add_argument("--seed", type=int, default=0)
-        command.add_argument("--height", type=int)
-        command.add_argument("--width", type=int)
-        command.add_argument("--steps", type=int, default=64)
-        command.add_argument("--guidance-scale", type=float, default=3.0)
-        command.add_argument("--guidance-schedule", choices=("constant", "linear"), default="constant")
-        command.add_argument("--temperature", type=float, default=1.0)
-        command.add_argument("--sampler", choices=("exact", "plain", "fast"), default="exact")
-        command.add_argument("--head-steps", type=int)
+        add_sampling_arguments(command)
         command.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
 
     fid = sub.add_parser("fid", help="FID between a generated and a reference folder (torchmetrics)")
