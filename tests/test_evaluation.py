@@ -320,6 +320,18 @@ def test_fid_refuses_what_it_cannot_compute(tmp_path):
         folder_fid(tmp_path / "many", tmp_path / "many", weights_path=tmp_path / "missing.pth")
 
 
+def test_fid_refuses_a_truncated_image_by_name_even_when_pil_accepts_them(tmp_path, monkeypatch):
+    import PIL.ImageFile
+
+    write_images(tmp_path / "generated", 0, 4)
+    write_images(tmp_path / "reference", 1, 4)
+    victim = tmp_path / "generated" / "002.png"
+    victim.write_bytes(victim.read_bytes()[: len(victim.read_bytes()) // 2])
+    monkeypatch.setattr(PIL.ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # as lmms-eval sets it at import
+    with pytest.raises(ValueError, match=r"002\.png is not a readable image"):
+        folder_fid(tmp_path / "generated", tmp_path / "reference", feature=PooledColours(), image_size=16)
+
+
 # -------------------------------------------------------------------------------------------------- pipelines
 @pytest.fixture(scope="module")
 def pipe():

@@ -25,6 +25,8 @@ import PIL.Image
 import torch
 from torch import nn
 
+from harmon.pipelines.image_processing import open_image_file
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -37,9 +39,10 @@ def _batches(paths: list[Path], image_size: int, batch_size: int) -> Iterator[to
     for start in range(0, len(paths), batch_size):
         arrays = []
         for path in paths[start:start + batch_size]:
-            with PIL.Image.open(path) as image:
-                image = image.convert("RGB").resize((image_size, image_size), PIL.Image.Resampling.BICUBIC)
-                arrays.append(np.asarray(image, dtype=np.uint8))
+            # the library's one reader: sizes checked before decoding, truncated or corrupt files refused by name
+            image = open_image_file(path, "image").convert("RGB")
+            image = image.resize((image_size, image_size), PIL.Image.Resampling.BICUBIC)
+            arrays.append(np.asarray(image, dtype=np.uint8))
         yield torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
