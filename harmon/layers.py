@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 from functools import partial
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, Strict, model_validator
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -16,14 +17,16 @@ from torch import nn
 class MARStackConfig(BaseModel):
     """Fields shared by the MAR encoder and decoder: a ViT stack with buffer slots and a learned grid embedding."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: "12" or 12.0 for a width is refused, not coerced (as the Qwen backbone's config does); a tuple field
+    # takes a JSON list (Strict(False) on the container only: its items stay strict)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     embed_dim: PositiveInt = 768
     depth: PositiveInt = 12
     num_heads: PositiveInt = 12
     mlp_ratio: float = Field(4.0, gt=0)
     buffer_size: NonNegativeInt = 64
-    base_grid: tuple[PositiveInt, PositiveInt] = (16, 16)
+    base_grid: Annotated[tuple[PositiveInt, PositiveInt], Strict(False)] = (16, 16)
     attn_dropout: float = Field(0.1, ge=0, lt=1)
     proj_dropout: float = Field(0.1, ge=0, lt=1)
     norm_eps: float = Field(1e-6, gt=0)

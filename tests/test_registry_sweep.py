@@ -97,3 +97,28 @@ def test_every_registered_component(registry, name):
         other.load_state_dict(component.state_dict(), strict=True, assign=meta)
         if not meta:
             assert torch.equal(_forward(registry, other, device), out)
+
+
+def _first_int_field(config) -> str | None:
+    return next((name for name, value in config.model_dump().items()
+                 if isinstance(value, int) and not isinstance(value, bool)), None)
+
+
+@pytest.mark.parametrize("registry,name", ENTRIES, ids=[f"{r.role}:{n}" for r, n in ENTRIES])
+def test_every_registered_config_is_strict_and_reads_its_own_json(registry, name):
+    import json
+
+    from pydantic import ValidationError
+
+    entry = registry.get(name)
+    config = entry.build_config()
+    if config is None:
+        pytest.skip(f"{name} has no config class")
+    # its own JSON (tuples become lists) reads back to the same config
+    assert type(config).model_validate(json.loads(config.model_dump_json())) == config
+    field = _first_int_field(config)
+    assert field is not None, f"{name}: no integer field to check"
+    value = getattr(config, field)
+    for bad in (str(value), float(value), True):  # "12" / 12.0 / True for a width: refused, not coerced
+        with pytest.raises(ValidationError, match=field):
+            entry.build_config(**{field: bad})

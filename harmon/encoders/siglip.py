@@ -18,10 +18,10 @@ fails at once, saying how to get a local folder.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Annotated, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, Strict, model_validator
 from torch import Tensor, nn
 from transformers import SiglipVisionConfig, SiglipVisionModel
 from transformers.utils import logging as transformers_logging
@@ -47,7 +47,7 @@ ARCHITECTURE_FIELDS = (
 class SiglipEncoderConfig(BaseModel):
     """SigLIP vision-tower architecture (transformers ``SiglipVisionConfig`` fields) and preprocessing."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     hidden_size: PositiveInt = 768
     intermediate_size: PositiveInt = 3072
@@ -59,8 +59,8 @@ class SiglipEncoderConfig(BaseModel):
     hidden_act: str = "gelu_pytorch_tanh"
     layer_norm_eps: float = Field(1e-6, gt=0)
     attention_dropout: float = Field(0.0, ge=0, lt=1)
-    image_mean: tuple[float, float, float] = IDENTITY_MEAN_STD
-    image_std: tuple[float, float, float] = IDENTITY_MEAN_STD
+    image_mean: Annotated[tuple[float, float, float], Strict(False)] = IDENTITY_MEAN_STD
+    image_std: Annotated[tuple[float, float, float], Strict(False)] = IDENTITY_MEAN_STD
 
     @model_validator(mode="after")
     def _check(self) -> SiglipEncoderConfig:

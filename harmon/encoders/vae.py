@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from diffusers import AutoencoderKL
@@ -40,7 +40,7 @@ from diffusers.loaders.single_file_utils import (
     update_vae_resnet_ldm_to_diffusers,
 )
 from einops import rearrange
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, Strict, model_validator
 from torch import Tensor, nn
 
 from harmon.checkpoints import CheckpointKeyError, read_state_dict, summarise_names
@@ -71,14 +71,14 @@ _NORM_NUM_GROUPS = 32
 class KLAutoencoderConfig(BaseModel):
     """Architecture of the LDM-style KL autoencoder (defaults: MAR's released ``kl16``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     embed_dim: PositiveInt = 16
     ch: PositiveInt = 128
-    ch_mult: tuple[PositiveInt, ...] = (1, 1, 2, 2, 4)
+    ch_mult: Annotated[tuple[PositiveInt, ...], Strict(False)] = (1, 1, 2, 2, 4)
     num_res_blocks: PositiveInt = 2
     # Encoder levels whose nominal resolution (resolution // 2**level) is listed here get attention.
-    attn_resolutions: tuple[PositiveInt, ...] = (16,)
+    attn_resolutions: Annotated[tuple[PositiveInt, ...], Strict(False)] = (16,)
     resolution: PositiveInt = 256
     in_channels: PositiveInt = 3
     out_channels: PositiveInt = 3
@@ -355,12 +355,12 @@ def load_ldm_kl_checkpoint(path: str | os.PathLike[str], config: KLAutoencoderCo
 class KLFeatureEncoderConfig(KLAutoencoderConfig):
     """The KL autoencoder's architecture (defaults: MAR's ``kl16``) plus its use as an understanding encoder."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     image_size: PositiveInt = 256
     scale: float = Field(1.0, gt=0)  # features = posterior mode × scale (Harmon's tokens use 0.2325)
-    image_mean: tuple[float, float, float] = IDENTITY_MEAN_STD
-    image_std: tuple[float, float, float] = IDENTITY_MEAN_STD
+    image_mean: Annotated[tuple[float, float, float], Strict(False)] = IDENTITY_MEAN_STD
+    image_std: Annotated[tuple[float, float, float], Strict(False)] = IDENTITY_MEAN_STD
 
     @model_validator(mode="after")
     def _image_fits_the_stride(self) -> KLFeatureEncoderConfig:

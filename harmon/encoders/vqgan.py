@@ -15,12 +15,12 @@ training checkpoint's ``loss.*`` tensors (LPIPS and the discriminator) are dropp
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from diffusers import VQModel
 from einops import rearrange
-from pydantic import BaseModel, ConfigDict, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, PositiveInt, Strict, model_validator
 from torch import Tensor, nn
 
 from harmon.checkpoints import read_state_dict
@@ -47,12 +47,12 @@ class VQGANEncoderConfig(BaseModel):
     """A taming VQGAN's ``ddconfig`` (``ch``, ``ch_mult``, ``num_res_blocks``, ``attn_resolutions``,
     ``resolution``, ``z_channels``), ``embed_dim`` and ``n_embed``, plus its use as an understanding encoder."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     ch: PositiveInt = 128
-    ch_mult: tuple[PositiveInt, ...] = (1, 1, 2, 2, 4)
+    ch_mult: Annotated[tuple[PositiveInt, ...], Strict(False)] = (1, 1, 2, 2, 4)
     num_res_blocks: PositiveInt = 2
-    attn_resolutions: tuple[PositiveInt, ...] = (16,)
+    attn_resolutions: Annotated[tuple[PositiveInt, ...], Strict(False)] = (16,)
     resolution: PositiveInt = 256
     z_channels: PositiveInt = 256
     embed_dim: PositiveInt = 256
@@ -60,8 +60,8 @@ class VQGANEncoderConfig(BaseModel):
     in_channels: PositiveInt = 3
     out_channels: PositiveInt = 3
     image_size: PositiveInt = 256
-    image_mean: tuple[float, float, float] = IDENTITY_MEAN_STD  # taming reads [-1, 1] pixels
-    image_std: tuple[float, float, float] = IDENTITY_MEAN_STD
+    image_mean: Annotated[tuple[float, float, float], Strict(False)] = IDENTITY_MEAN_STD  # taming reads [-1, 1] pixels
+    image_std: Annotated[tuple[float, float, float], Strict(False)] = IDENTITY_MEAN_STD
 
     @model_validator(mode="after")
     def _check(self) -> VQGANEncoderConfig:

@@ -33,7 +33,7 @@ from harmon.schedulers.scheduling_adm import sampling_dtype
 
 
 class DiffusionHeadConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     token_dim: PositiveInt = 16
     cond_dim: PositiveInt = 768
