@@ -85,14 +85,17 @@ def linear_probe(model, seed: int, which: str) -> float:
     return float(probe.score(pooled_features(model, test_images, which), test_labels))
 
 
-def initial_model(prepared: dict, seed: int, decoupled: bool, folder: Path) -> Path:
-    """The toy preset (random init seeded by ``seed``; with ``decoupled``, a second MAR encoder for understanding)
-    with the prepared VAE, saved with the toy tokenizer."""
+def initial_model(prepared: dict, seed: int, decoupled: bool, folder: Path,
+                  visual_grad_scale: float | None = None) -> Path:
+    """The toy preset (random init seeded by ``seed``; with ``decoupled``, a second MAR encoder for understanding;
+    ``visual_grad_scale`` over the preset's when given) with the prepared VAE, saved with the toy tokenizer."""
     from harmon.configs import PRESETS, ComponentSpec, HarmonConfig
     from harmon.model import HarmonModel
     from harmon.toy.tokenizer import toy_tokenizer
 
     overrides: dict = {"vae_scale": prepared["vae_scale"]}
+    if visual_grad_scale is not None:
+        overrides["visual_grad_scale"] = visual_grad_scale
     if decoupled:
         encoder = PRESETS["harmon-toy"]["encoder"]
         overrides["understanding_encoder"] = ComponentSpec(name=encoder.name, config=dict(encoder.config))
@@ -113,7 +116,7 @@ def run_variant(name: str, prepared: dict, seed: int, args, out: Path) -> dict:
 
     spec = VARIANTS[name]
     run = out / f"{name}-seed{seed}"
-    init = initial_model(prepared, seed, spec.get("decoupled", False), run / "init")
+    init = initial_model(prepared, seed, spec.get("decoupled", False), run / "init", args.visual_grad_scale)
     overrides = [f"output_dir={run / 'train'}", f"data.root={prepared['data']}", f"model.pretrained={init}",
                  f"seed={seed}", f"training.max_steps={args.steps}", f"data.ratios={json.dumps(spec['ratios'])}",
                  "training.log_every=100"]
@@ -131,15 +134,46 @@ def run_variant(name: str, prepared: dict, seed: int, args, out: Path) -> dict:
     return row
 
 
-def table(rows: list[dict], keys: list[str]) -> str:
-    lines = [f"| variant | {' | '.join(keys)} |", f"|---|{'---|' * len(keys)}"]
-    for name in VARIANTS:
+def table(rows: list[dict], keys: list[str], variants=tuple(VARIANTS), label: str = "variant") -> str:
+    """Mean ± std over the seeds of each variant's ``keys`` as a markdown table."""
+    lines = [f"| {label} | {' | '.join(keys)} |", f"|---|{'---|' * len(keys)}"]
+    for name in variants:
         mine = [r for r in rows if r["variant"] == name]
         if not mine:
             continue
         cells = [f"{np.mean([r[k] for r in mine]):.3f} ± {np.std([r[k] for r in mine]):.3f}" for k in keys]
         lines.append(f"| {name} (n={len(mine)}) | {' | '.join(cells)} |")
     return "\n".join(lines)
+
+
+def run_grid(args, run_one, one_vae: bool = False) -> list[dict]:
+    """Every ``(seed, variant)`` of ``args.seeds × args.variants`` not yet in ``args.out/results.json``:
+    :func:`~harmon.toy.train.prepare_toy` once per seed (or, with ``one_vae``, once for all: the first seed's), then
+    ``run_one(variant, prepared, seed, args, out)`` → a row, saved after each run (a rerun resumes)."""
+    from harmon.toy.train import ToyTrainSettings, prepare_toy
+
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.json"
+    rows = json.loads(results_path.read_text())["rows"] if results_path.is_file() else []
+    done = {(r["variant"], r["seed"]) for r in rows}
+    shared = None
+    for seed in args.seeds:
+        prepared = shared
+        for name in args.variants:
+            if (name, seed) in done:
+                continue
+            if prepared is None:
+                settings = ToyTrainSettings(seed=seed, num_images=args.num_images, vae_steps=args.vae_steps,
+                                            threads=args.threads)
+                prepared = prepare_toy(out / f"prepared-seed{seed}", settings)
+                shared = prepared if one_vae else None
+            row = run_one(name, prepared, seed, args, out)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            results_path.write_text(json.dumps({"settings": vars(args) | {"out": str(out)}, "rows": rows},
+                                               indent=1, default=str))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,33 +188,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-images", type=int, default=8000, help="training canvases")
     parser.add_argument("--vae-steps", type=int, default=800)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--visual-grad-scale", type=float, default=None,
+                        help="the understanding gradient into the shared encoder (default: the preset's)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from harmon.toy.train import ToyTrainSettings, prepare_toy
-
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    results_path = out / "results.json"
-    rows = json.loads(results_path.read_text())["rows"] if results_path.is_file() else []
-    done = {(r["variant"], r["seed"]) for r in rows}
-    for seed in args.seeds:
-        prepared = None
-        for name in args.variants:
-            if (name, seed) in done:
-                continue
-            if prepared is None:
-                settings = ToyTrainSettings(seed=seed, num_images=args.num_images, vae_steps=args.vae_steps,
-                                            threads=args.threads)
-                prepared = prepare_toy(out / f"prepared-seed{seed}", settings)
-            row = run_variant(name, prepared, seed, args, out)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            results_path.write_text(json.dumps({"settings": vars(args) | {"out": str(out)}, "rows": rows},
-                                               indent=1, default=str))
+    rows = run_grid(args, run_variant)
     keys = ["geneval/overall", "geneval/single_object", "geneval/colors", "geneval/position",
             "understanding/overall", "understanding/digit", "probe/generation_encoder", "probe/understanding_path"]
     text = table(rows, keys)
-    (out / "table.md").write_text(text + "\n")
+    (args.out / "table.md").write_text(text + "\n")
     print(text)
     return 0
 

@@ -81,3 +81,48 @@ def test_toy_studies_runs_every_variant_and_resumes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(toy_studies, "run_variant", no_training)
     assert toy_studies.main(argv) == 0
+
+
+def test_toy_encoders_trains_every_encoder_and_quantizes_for_vq(tmp_path, monkeypatch):
+    """experiments/toy_encoders.py on a few steps: the three understanding encoders train from one prepared VAE, are
+    scored and tabulated; the vq variant's encoder returns codebook vectors only, the vae variant the tokens."""
+    import json
+
+    import torch
+
+    from experiments import toy_encoders, toy_studies
+    from harmon.pipelines import HarmonPipeline
+
+    monkeypatch.setattr(toy_studies, "PROBE_TRAIN", 40)
+    monkeypatch.setattr(toy_studies, "PROBE_TEST", 20)
+    argv = ["--out", str(tmp_path), "--seeds", "0", "--steps", "3", "--canvases", "2", "--codebook", "8",
+            "--num-images", "40", "--vae-steps", "2"]
+    assert toy_encoders.main(argv) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == list(toy_encoders.VARIANTS)
+    for row in rows:
+        for key in ("understanding/overall", "understanding/digit", "probe/understanding_path"):
+            assert 0.0 <= row[key] <= 1.0, (row["variant"], key, row[key])
+    table = (tmp_path / "table.md").read_text()
+    assert all(f"| {name} (n=1)" in table for name in toy_encoders.VARIANTS)
+
+    tokens = torch.randn(2, 8, 8, 16)
+    for variant, quantized in (("vae", False), ("vq", True)):
+        pipe = HarmonPipeline.from_pretrained(tmp_path / f"{variant}-seed0" / "train" / "export")
+        encoder = pipe.harmon.understanding_encoder
+        features = encoder.encode(tokens)
+        assert features.shape == (2, 64, 16)
+        if quantized:  # every feature is one of the 8 codes, and the codes were fitted (not the zero init)
+            codes = encoder.codebook
+            assert codes.shape == (8, 16) and codes.abs().sum() > 0
+            assert bool((features.reshape(-1, 1, 16) == codes[None]).all(-1).any(-1).all())
+        else:
+            assert torch.equal(features, tokens.reshape(2, 64, 16))
+    assert json.loads((tmp_path / "mar-seed0" / "init" / "harmon_config.json").read_text())[
+        "understanding_encoder"] is None
+
+    shared = tmp_path / "shared"  # --one-vae: the first seed's data and VAE serve every seed
+    assert toy_encoders.main(["--out", str(shared), "--seeds", "0", "1", "--variants", "vae", "--one-vae",
+                              *argv[4:]]) == 0
+    assert sorted(p.name for p in shared.glob("prepared-seed*")) == ["prepared-seed0"]
+    assert [r["seed"] for r in json.loads((shared / "results.json").read_text())["rows"]] == [0, 1]

@@ -149,6 +149,8 @@ def write_dataset(root: str | Path, count: int = 4000, split: str = "train", see
 
         images/00000.png, annotations/00000.json ({"caption": ...}), data_info.json   (format: caption)
         llava.json          every question of each image, shuffled, then the caption  (format: llava)
+        questions.json      one single-turn conversation per question (and per caption) (format: llava)
+        digit_questions.json    the "What digit is on the …?" ones of questions.json         (format: llava)
         text.jsonl          {"text": caption}                                          (format: text)
         scenes.json         the scenes themselves (digit, colour, side, load_digits sample)
     """
@@ -156,7 +158,7 @@ def write_dataset(root: str | Path, count: int = 4000, split: str = "train", see
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng((seed, 0xC0A))
-    info, llava, text, described = [], [], [], []
+    info, llava, single, text, described = [], [], [], [], []
     for i, scene in enumerate(scenes(count, split, seed)):
         image_name, annotation_name = f"images/{i:05d}.png", f"annotations/{i:05d}.json"
         render(scene).save(root / image_name)
@@ -172,10 +174,16 @@ def write_dataset(root: str | Path, count: int = 4000, split: str = "train", see
             turns.append({"from": "gpt", "value": answer})
         turns += [{"from": "human", "value": CAPTION_QUESTION}, {"from": "gpt", "value": text_caption}]
         llava.append({"id": f"{i:05d}", "image": image_name, "conversations": turns})
+        for k, (question, answer) in enumerate([(q, a) for _, q, a in asked] + [(CAPTION_QUESTION, text_caption)]):
+            single.append({"id": f"{i:05d}-{k}", "image": image_name, "conversations": [
+                {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]})
         text.append({"text": text_caption})
         described.append([d.__dict__ for d in scene.digits])
     (root / "data_info.json").write_text(json.dumps(info))
     (root / "llava.json").write_text(json.dumps(llava))
+    (root / "questions.json").write_text(json.dumps(single))
+    digits = [c for c in single if c["conversations"][0]["value"].startswith("<image>\nWhat digit is on the")]
+    (root / "digit_questions.json").write_text(json.dumps(digits))
     (root / "text.jsonl").write_text("".join(json.dumps(t) + "\n" for t in text))
     (root / "scenes.json").write_text(json.dumps(described))
     return root

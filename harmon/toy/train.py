@@ -1,4 +1,5 @@
-"""Train harmon-toy from scratch: data → toy VAE → the three-stage recipe on the project's training engine.
+"""Train harmon-toy from scratch: data → toy VAE → the three-stage recipe (with a reading warm-up) on the
+project's training engine.
 
     harmon toy train --out runs/harmon-toy                 # the shipped weights' recipe (see docs/toy.md)
     python -m harmon.toy.train --out runs/harmon-toy --threads 2
@@ -7,8 +8,10 @@
    caption / LLaVA / text layouts;
 2. the preset's KL VAE is trained on those images (:mod:`harmon.toy.vae`) and ``vae_scale`` measured;
 3. a ``harmon-toy`` model (random init, the trained VAE, the toy tokenizer) is saved as ``OUT/init``;
-4. ``harmon/toy/recipes/stage{1,2,3}.yaml`` and ``head.yaml`` (the diffusion head alone, text → image) run one
-   after the other with :func:`harmon.training.train`, each starting from the previous one's export;
+4. ``harmon/toy/recipes/reading.yaml`` (the toy's reading warm-up in place of the paper's stage I: digit
+   questions only, as its LLM starts from nothing), ``stage2.yaml``, ``stage3.yaml`` and ``head.yaml`` (the
+   diffusion head alone, text → image) run one after the other with :func:`harmon.training.train`, each from the
+   previous one's export;
 5. stage III's export is written as an fp16 pipeline folder ``OUT/harmon-toy`` (what the package ships) and the
    timings go to ``OUT/train_info.json``.
 """
@@ -24,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 RECIPES = Path(__file__).with_name("recipes")
-STAGES = ("stage1", "stage2", "stage3", "head")
+STAGES = ("reading", "stage2", "stage3", "head")
 """The recipes run in order (``recipes/<name>.yaml``), each from the previous one's export."""
 
 
@@ -35,9 +38,11 @@ class ToyTrainSettings:
     seed: int = 0
     num_images: int = 8000
     vae_steps: int = 800
-    stage_steps: tuple[int, int, int, int] | None = None  # stages I, II, III, head; None: the recipes' max_steps
+    stage_steps: tuple[int, int, int, int] | None = None  # reading, II, III, head; None: the recipes'
     threads: int | None = 2
     overrides: list[str] = field(default_factory=list)  # extra -o KEY=VALUE for every stage
+    stage_overrides: dict[str, list[str]] = field(default_factory=dict)  # extra KEY=VALUE for one stage (by name)
+    visual_grad_scale: float | None = None  # over the preset's (1.0) when given
 
 
 def _log(message: str) -> None:
@@ -50,6 +55,9 @@ def train_toy(out: str | Path, settings: ToyTrainSettings | None = None, log=_lo
     from harmon.training.trainer import train
 
     settings = settings or ToyTrainSettings()
+    unknown = sorted(set(settings.stage_overrides) - set(STAGES))
+    if unknown:
+        raise ValueError(f"stage_overrides: unknown stage(s) {unknown}; the stages are {list(STAGES)}")
     log = log or (lambda message: None)
     out = Path(out)
     started = time.perf_counter()
@@ -62,7 +70,7 @@ def train_toy(out: str | Path, settings: ToyTrainSettings | None = None, log=_lo
     info["stages"] = {}
     for i, stage in enumerate(STAGES):
         overrides = [f"output_dir={out / stage}", f"data.root={data_dir}", f"model.pretrained={previous}",
-                     f"seed={settings.seed}", *settings.overrides]
+                     f"seed={settings.seed}", *settings.overrides, *settings.stage_overrides.get(stage, [])]
         if settings.stage_steps is not None:
             overrides.append(f"training.max_steps={settings.stage_steps[i]}")
         recipe = load_config(RECIPES / f"{stage}.yaml", overrides=overrides)
@@ -123,7 +131,10 @@ def prepare_toy(out: str | Path, settings: ToyTrainSettings | None = None, log=_
     # the preset with the measured scale; the fresh modules keep their init, the VAE its training
     vae_state = model.vae.state_dict()
     torch.manual_seed(settings.seed)
-    model = HarmonModel.from_config(config.model_copy(update={"vae_scale": scale}))
+    update = {"vae_scale": scale}
+    if settings.visual_grad_scale is not None:
+        update["visual_grad_scale"] = settings.visual_grad_scale
+    model = HarmonModel.from_config(HarmonConfig.model_validate({**config.model_dump(), **update}))
     model.vae.load_state_dict(vae_state)
     init = out / "init"
     model.save_pretrained(init)
@@ -161,8 +172,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-images", type=int, default=ToyTrainSettings.num_images)
     parser.add_argument("--vae-steps", type=int, default=ToyTrainSettings.vae_steps)
-    parser.add_argument("--stage-steps", type=int, nargs=4, metavar=("I", "II", "III", "HEAD"),
-                        help="optimizer steps per stage and of the head refinement (default: the recipes')")
+    parser.add_argument("--stage-steps", type=int, nargs=4, metavar=("READING", "II", "III", "HEAD"),
+                        help="optimizer steps of the reading warm-up, stages II and III and the head refinement "
+                        "(default: the recipes')")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
                         help="a recipe field for every stage, e.g. training.micro_batch_size=16")
