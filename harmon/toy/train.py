@@ -134,7 +134,7 @@ def prepare_toy(out: str | Path, settings: ToyTrainSettings | None = None, log=_
     update = {"vae_scale": scale}
     if settings.visual_grad_scale is not None:
         update["visual_grad_scale"] = settings.visual_grad_scale
-    model = HarmonModel.from_config(HarmonConfig.model_validate({**config.model_dump(), **update}))
+    model = HarmonModel.from_config(config.model_copy(update=update))
     model.vae.load_state_dict(vae_state)
     init = out / "init"
     model.save_pretrained(init)
