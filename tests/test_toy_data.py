@@ -118,6 +118,20 @@ def test_the_preset_fits_the_package_budget():
     assert model.llm.config.vocab_size == VOCAB_SIZE
 
 
+@pytest.mark.parametrize("argv, tied", [([], True), (["--untied-embeddings"], False)])
+def test_prepare_toy_ties_the_word_embeddings_unless_told(tmp_path, argv, tied):
+    from harmon import HarmonModel
+    from harmon.toy.train import ToyTrainSettings, build_parser, prepare_toy
+
+    args = build_parser().parse_args(["--out", str(tmp_path), *argv])
+    settings = ToyTrainSettings(num_images=16, vae_steps=1, threads=1,
+                                tie_word_embeddings=False if args.untied_embeddings else None)
+    init = prepare_toy(tmp_path, settings, log=None)["init"]
+    llm = HarmonModel.from_pretrained(init).llm
+    same = llm.get_input_embeddings().weight.data_ptr() == llm.get_output_embeddings().weight.data_ptr()
+    assert same is tied and llm.config.tie_word_embeddings is tied
+
+
 def test_embedded_names_resolve_and_other_names_pass_through(tmp_path):
     import torch
 

@@ -21,6 +21,15 @@ color_attribution         two-digit prompts: each named digit is present in its 
 
 ``overall`` is the mean of the six (GenEval's overall score). Chance levels: single_object ≈ 0.1, colors ≈ 0.02.
 
+Every category but counting needs the named digit drawn. Two attribute scores, outside GenEval and outside
+``overall``, say whether the prompt's layout and colours are followed whatever digit is drawn
+(:attr:`GenEvalResult.attributes`):
+
+========================  ================================================================================
+layout                    every prompt: the non-empty slots are exactly the named sides
+slot_colour               every prompt: each named side holds a digit (any) in its named colour
+========================  ================================================================================
+
 **Understanding** (:func:`understanding`): ``pipe.understand(images, questions)`` (greedy) on canvases of held-out
 digit images; every question of :func:`harmon.toy.data.questions`; exact match after ``strip().lower()``, per
 question kind and overall.
@@ -51,6 +60,7 @@ from harmon.toy.data import (
 
 EMPTY = 10
 CATEGORIES = ("single_object", "two_objects", "counting", "colors", "position", "color_attribution")
+ATTRIBUTES = ("layout", "slot_colour")
 
 
 # --------------------------------------------------------------------------------------------------- scoring
@@ -164,15 +174,19 @@ def geneval_prompts(count: int = 40, seed: int = 0) -> list[Scene]:
 
 
 def score_scene(scene: Scene, reading: dict[str, tuple[int, str | None]]) -> dict[str, bool]:
-    """The GenEval categories that apply to ``scene``, judged on the scorer's ``reading`` of its image."""
+    """The GenEval categories that apply to ``scene`` and the two attributes, judged on the scorer's ``reading``
+    of its image (per side: the digit read, :data:`EMPTY` for none, and the colour)."""
     found = [reading[side] for side in SIDES if reading[side][0] != EMPTY]
     found_values = sorted(d for d, _ in found)
     wanted_values = sorted(d.value for d in scene.digits)
     present = all(any(v == d.value for v, _ in found) for d in scene.digits)
     with_colour = all(any(v == d.value and c == d.colour for v, c in found) for d in scene.digits)
+    named = {d.side: d for d in scene.digits}
     result = {
         "counting": len(found) == scene.count,
         "position": all(reading[d.side][0] == d.value for d in scene.digits),
+        "layout": all((reading[side][0] != EMPTY) == (side in named) for side in SIDES),
+        "slot_colour": all(reading[d.side][0] != EMPTY and reading[d.side][1] == d.colour for d in scene.digits),
     }
     if scene.count == 1:
         result["single_object"] = present
@@ -186,6 +200,7 @@ def score_scene(scene: Scene, reading: dict[str, tuple[int, str | None]]) -> dic
 @dataclass
 class GenEvalResult:
     scores: dict[str, float]          # the six categories and overall
+    attributes: dict[str, float]      # layout and slot_colour (not GenEval's; not in overall)
     per_prompt: list[dict]            # prompt, reading, judgements
     seconds: float                    # generation time (the pipeline calls only)
     images: list[Image.Image]
@@ -219,15 +234,16 @@ def geneval(
                        generator=generators, **call_kwargs).images
     seconds = time.perf_counter() - started
     readings = scorer.read(images)
-    per_prompt, hits = [], {c: [] for c in CATEGORIES}
+    per_prompt, hits = [], {c: [] for c in (*CATEGORIES, *ATTRIBUTES)}
     for scene, text, reading in zip(prompts, texts, readings):
         judged = score_scene(scene, reading)
         for category, ok in judged.items():
             hits[category].append(ok)
         per_prompt.append({"prompt": text, "reading": reading, **judged})
-    scores = {c: float(np.mean(v)) if v else float("nan") for c, v in hits.items()}
+    means = {c: float(np.mean(v)) if v else float("nan") for c, v in hits.items()}
+    scores = {c: means[c] for c in CATEGORIES}
     scores["overall"] = float(np.mean([scores[c] for c in CATEGORIES]))
-    return GenEvalResult(scores, per_prompt, seconds, images)
+    return GenEvalResult(scores, {a: means[a] for a in ATTRIBUTES}, per_prompt, seconds, images)
 
 
 # --------------------------------------------------------------------------------------------- understanding

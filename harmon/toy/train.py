@@ -43,6 +43,7 @@ class ToyTrainSettings:
     overrides: list[str] = field(default_factory=list)  # extra -o KEY=VALUE for every stage
     stage_overrides: dict[str, list[str]] = field(default_factory=dict)  # extra KEY=VALUE for one stage (by name)
     visual_grad_scale: float | None = None  # over the preset's (1.0) when given
+    tie_word_embeddings: bool | None = None  # over the preset's (tied, as Qwen2.5) when given; see docs/toy.md
 
 
 def _log(message: str) -> None:
@@ -134,6 +135,10 @@ def prepare_toy(out: str | Path, settings: ToyTrainSettings | None = None, log=_
     update = {"vae_scale": scale}
     if settings.visual_grad_scale is not None:
         update["visual_grad_scale"] = settings.visual_grad_scale
+    if settings.tie_word_embeddings is not None:
+        backbone = config.backbone
+        update["backbone"] = backbone.model_copy(
+            update={"config": {**backbone.config, "tie_word_embeddings": settings.tie_word_embeddings}})
     model = HarmonModel.from_config(config.model_copy(update=update))
     model.vae.load_state_dict(vae_state)
     init = out / "init"
@@ -176,6 +181,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                         help="optimizer steps of the reading warm-up, stages II and III and the head refinement "
                         "(default: the recipes')")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--untied-embeddings", action="store_true",
+                        help="separate LLM input and output word embeddings (the preset ties them); measured "
+                        "trade-off in docs/toy.md")
     parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
                         help="a recipe field for every stage, e.g. training.micro_batch_size=16")
     return parser
@@ -190,7 +198,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     settings = ToyTrainSettings(
         seed=args.seed, num_images=args.num_images, vae_steps=args.vae_steps,
         stage_steps=tuple(args.stage_steps) if args.stage_steps else None, threads=args.threads or None,
-        overrides=list(args.override),
+        overrides=list(args.override), tie_word_embeddings=False if args.untied_embeddings else None,
     )
     train_toy(args.out, settings)
     return 0
