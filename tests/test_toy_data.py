@@ -121,12 +121,11 @@ def test_the_preset_fits_the_package_budget():
 @pytest.mark.parametrize("argv, tied", [([], True), (["--untied-embeddings"], False)])
 def test_prepare_toy_ties_the_word_embeddings_unless_told(tmp_path, argv, tied):
     from harmon import HarmonModel
-    from harmon.toy.train import ToyTrainSettings, build_parser, prepare_toy
+    from harmon.toy.train import build_parser, prepare_toy, settings_from_args
 
-    args = build_parser().parse_args(["--out", str(tmp_path), *argv])
-    settings = ToyTrainSettings(num_images=16, vae_steps=1, threads=1,
-                                tie_word_embeddings=False if args.untied_embeddings else None)
-    init = prepare_toy(tmp_path, settings, log=None)["init"]
+    args = build_parser().parse_args(["--out", str(tmp_path), "--num-images", "16", "--vae-steps", "1",
+                                      "--threads", "1", *argv])
+    init = prepare_toy(tmp_path, settings_from_args(args), log=None)["init"]
     llm = HarmonModel.from_pretrained(init).llm
     same = llm.get_input_embeddings().weight.data_ptr() == llm.get_output_embeddings().weight.data_ptr()
     assert same is tied and llm.config.tie_word_embeddings is tied

@@ -49,7 +49,8 @@ def cmd_eval(args) -> int:
     gen = geneval(pipe, args.prompts, seed=args.seed, num_inference_steps=args.steps,
                   guidance_scale=args.guidance_scale, **extra)
     und = understanding(pipe, args.images, seed=args.seed)
-    report = {"geneval": gen.scores, "geneval_attributes": gen.attributes, "geneval_seconds": gen.seconds, "understanding": und.scores,
+    report = {"geneval": gen.scores, "geneval_attributes": gen.attributes, "geneval_seconds": gen.seconds,
+              "understanding": und.scores,
               "understanding_seconds": und.seconds, "scorer_accuracy": default_scorer().accuracy(),
               "settings": {k: str(v) for k, v in vars(args).items() if k != "func"}}
     print(json.dumps(report, indent=1))

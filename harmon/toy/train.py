@@ -195,13 +195,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    settings = ToyTrainSettings(
+    train_toy(args.out, settings_from_args(args))
+    return 0
+
+
+def settings_from_args(args: argparse.Namespace) -> ToyTrainSettings:
+    """The :class:`ToyTrainSettings` that :func:`build_parser`'s arguments ask for."""
+    return ToyTrainSettings(
         seed=args.seed, num_images=args.num_images, vae_steps=args.vae_steps,
         stage_steps=tuple(args.stage_steps) if args.stage_steps else None, threads=args.threads or None,
         overrides=list(args.override), tie_word_embeddings=False if args.untied_embeddings else None,
     )
-    train_toy(args.out, settings)
-    return 0
 
 
 if __name__ == "__main__":
