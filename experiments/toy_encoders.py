@@ -24,7 +24,6 @@ canvases, :func:`experiments.toy_studies.linear_probe`). ``OUT/results.json`` (e
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -136,22 +135,15 @@ def run_variant(variant: str, prepared: dict, seed: int, args, out: Path) -> dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("runs/toy_encoders"))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--steps", type=int, default=1500, help="training steps per variant")
+    from experiments.toy_studies import grid_parser, run_grid, table
+
+    parser = grid_parser(__doc__.splitlines()[0], "runs/toy_encoders", VARIANTS)
     parser.add_argument("--one-vae", action="store_true",
                         help="one data set and toy VAE (the first seed's) for every seed: the spread is then over "
                         "model inits and data order only")
     parser.add_argument("--codebook", type=int, default=512, help="k-means codes of the vq variant")
-    parser.add_argument("--canvases", type=int, default=50, help="toy understanding canvases")
-    parser.add_argument("--num-images", type=int, default=8000, help="training canvases")
-    parser.add_argument("--vae-steps", type=int, default=800)
-    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from experiments.toy_studies import run_grid, table
 
     register_encoders()
     rows = run_grid(args, run_variant, one_vae=args.one_vae)

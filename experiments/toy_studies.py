@@ -176,18 +176,24 @@ def run_grid(args, run_one, one_vae: bool = False) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("runs/toy_studies"))
+def grid_parser(description: str, out: str, variants: tuple[str, ...]) -> argparse.ArgumentParser:
+    """The arguments every :func:`run_grid` script takes (output folder, seeds, variants, steps, data, threads)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=Path, default=Path(out))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=list(variants), choices=list(variants))
     parser.add_argument("--steps", type=int, default=1500, help="training steps per variant")
-    parser.add_argument("--prompts", type=int, default=40, help="toy GenEval prompts")
     parser.add_argument("--canvases", type=int, default=50, help="toy understanding canvases")
-    parser.add_argument("--mar-steps", type=int, default=16)
     parser.add_argument("--num-images", type=int, default=8000, help="training canvases")
     parser.add_argument("--vae-steps", type=int, default=800)
     parser.add_argument("--threads", type=int, default=1)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = grid_parser(__doc__.splitlines()[0], "runs/toy_studies", VARIANTS)
+    parser.add_argument("--prompts", type=int, default=40, help="toy GenEval prompts")
+    parser.add_argument("--mar-steps", type=int, default=16)
     parser.add_argument("--visual-grad-scale", type=float, default=None,
                         help="the understanding gradient into the shared encoder (default: the preset's)")
     args = parser.parse_args(argv)

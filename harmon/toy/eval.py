@@ -47,7 +47,6 @@ from PIL import Image
 from harmon.toy.data import (
     CANVAS,
     COLOURS,
-    PALETTE,
     SIDES,
     Digit,
     Scene,
