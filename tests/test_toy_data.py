@@ -148,3 +148,75 @@ def test_a_missing_embedded_folder_is_named(monkeypatch, tmp_path):
     monkeypatch.setattr(toy, "__file__", str(tmp_path / "__init__.py"))
     with pytest.raises(FileNotFoundError, match="harmon-toy"):
         toy.pretrained_folder("harmon-toy")
+
+
+def test_untie_word_embeddings_keeps_every_weight_and_splits_the_embeddings(tmp_path):
+    import torch
+
+    from harmon import HarmonModel
+    from harmon.toy.train import ToyTrainSettings, prepare_toy, untie_word_embeddings
+
+    init = prepare_toy(tmp_path / "run", ToyTrainSettings(num_images=16, vae_steps=1, threads=1), log=None)["init"]
+    tied = HarmonModel.from_pretrained(init)
+    folder = untie_word_embeddings(init, tmp_path / "untied")
+    untied = HarmonModel.from_pretrained(folder)
+    llm = untied.llm
+    assert llm.config.tie_word_embeddings is False
+    assert llm.get_input_embeddings().weight.data_ptr() != llm.get_output_embeddings().weight.data_ptr()
+    before, after = tied.state_dict(), untied.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # both embeddings start as the tied matrix
+    assert (folder / "tokenizer.json").is_file()  # loadable as the next stage's model.pretrained
+    with torch.no_grad():  # and they are two parameters now
+        llm.get_output_embeddings().weight.add_(1.0)
+    assert not torch.equal(llm.get_input_embeddings().weight, llm.get_output_embeddings().weight)
+    with pytest.raises(ValueError, match="untied already"):
+        untie_word_embeddings(folder, tmp_path / "again")
+
+
+def test_prepare_toy_reuses_a_given_vae_and_sets_the_heads_noise_draws(tmp_path):
+    import torch
+    from diffusers import AutoencoderKL
+
+    from harmon import HarmonModel
+    from harmon.toy.train import ToyTrainSettings, prepare_toy
+
+    settings = ToyTrainSettings(num_images=16, threads=1, vae_from="harmon-toy", diffusion_batch_mul=1)
+    prepared = prepare_toy(tmp_path, settings, log=None)
+    model = HarmonModel.from_pretrained(prepared["init"])
+    shipped = AutoencoderKL.from_pretrained(str(pretrained_folder("harmon-toy") / "vae"))
+    assert all(torch.equal(v.float(), model.vae.state_dict()[k]) for k, v in shipped.state_dict().items())
+    assert prepared["info"]["vae"]["from"] == "harmon-toy" and "mse" not in prepared["info"]["vae"]
+    assert model.head.config.diffusion_batch_mul == 1
+
+
+def test_prepare_toy_names_a_vae_folder_it_cannot_use(tmp_path):
+    from harmon.toy.train import ToyTrainSettings, prepare_toy
+
+    with pytest.raises(FileNotFoundError, match="vae_from: .*vae/config.json"):
+        prepare_toy(tmp_path, ToyTrainSettings(num_images=16, threads=1, vae_from=tmp_path / "nowhere"), log=None)
+
+
+def test_load_toy_vae_refuses_another_architecture(tmp_path):
+    from diffusers import AutoencoderKL
+
+    from harmon import HarmonConfig, HarmonModel
+    from harmon.toy.train import load_toy_vae
+
+    AutoencoderKL(block_out_channels=(8,), norm_num_groups=1, latent_channels=4).save_pretrained(tmp_path / "vae")
+    vae = HarmonModel.from_config(HarmonConfig.from_preset("harmon-toy")).vae
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    with pytest.raises(ValueError, match=r"vae_from: the VAE in .*vae is not the harmon-toy preset's"):
+        load_toy_vae(vae, tmp_path)
+    assert all((before[k] == v).all() for k, v in vae.state_dict().items())  # nothing half-loaded
+
+
+def test_the_cli_flags_reach_the_settings():
+    from harmon.toy.train import ToyTrainSettings, build_parser, settings_from_args
+
+    defaults = settings_from_args(build_parser().parse_args([]))
+    assert (defaults.vae_from, defaults.untie_after_reading) == (None, False)
+    assert defaults.tie_word_embeddings is None and defaults.diffusion_batch_mul is None
+    assert defaults == ToyTrainSettings(num_images=defaults.num_images, threads=2)
+    given = settings_from_args(build_parser().parse_args(["--vae-from", "harmon-toy", "--untie-after-reading"]))
+    assert (given.vae_from, given.untie_after_reading) == ("harmon-toy", True)

@@ -65,3 +65,30 @@ def test_the_run_writes_its_timings(short_run):
     assert list(info["stages"]) == ["reading", "stage2", "stage3", "head"]
     assert info["shipped_bytes"] < 5_000_000
     assert 0 < info["total_seconds"] <= seconds
+
+
+def test_untie_after_reading_unties_from_stage_two_on(tmp_path):
+    """The wiring of ``untie_after_reading`` (one step per stage, the shipped VAE reused): the reading export is
+    tied, stage II starts from its untied copy, and the shipped folder stays untied."""
+    import json
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    from harmon.model import HarmonModel
+    from harmon.toy.train import ToyTrainSettings, train_toy
+
+    settings = ToyTrainSettings(num_images=32, threads=1, vae_from="harmon-toy", untie_after_reading=True,
+                                stage_steps=(1, 1, 1, 1), overrides=["training.global_batch_size=4",
+                                                                     "training.micro_batch_size=4"])
+    try:
+        info = train_toy(tmp_path, settings, log=None)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    reading = HarmonModel.from_pretrained(tmp_path / "reading" / "export" / "harmon_model")
+    assert reading.llm.config.tie_word_embeddings is not False
+    assert HarmonModel.from_pretrained(tmp_path / "reading-untied").llm.config.tie_word_embeddings is False
+    assert list(json.loads((tmp_path / "train_info.json").read_text())["stages"]) == ["reading", "stage2", "stage3",
+                                                                                       "head"]
+    llm_config = json.loads((tmp_path / "harmon-toy" / "llm" / "config.json").read_text())
+    assert llm_config["tie_word_embeddings"] is False and info["vae"]["from"] == "harmon-toy"

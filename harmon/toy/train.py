@@ -44,6 +44,9 @@ class ToyTrainSettings:
     stage_overrides: dict[str, list[str]] = field(default_factory=dict)  # extra KEY=VALUE for one stage (by name)
     visual_grad_scale: float | None = None  # over the preset's (1.0) when given
     tie_word_embeddings: bool | None = None  # over the preset's (tied, as Qwen2.5) when given; see docs/toy.md
+    vae_from: str | Path | None = None  # a trained toy VAE to reuse (a pipeline folder or "harmon-toy"), not trained
+    diffusion_batch_mul: int | None = None  # over the preset's head (4, MAR's) when given: noise draws per token
+    untie_after_reading: bool = False  # tied through the reading warm-up, untied from stage II on; see docs/toy.md
 
 
 def _log(message: str) -> None:
@@ -83,6 +86,9 @@ def train_toy(out: str | Path, settings: ToyTrainSettings | None = None, log=_lo
                                  "last": {k: v for k, v in last.items() if k.startswith("loss/")}}
         log(f"stage {stage}: {result.step} steps in {seconds:.0f} s; last losses {info['stages'][stage]['last']}")
         previous = result.export_dir / "harmon_model"
+        if stage == "reading" and settings.untie_after_reading:
+            previous = untie_word_embeddings(previous, out / "reading-untied")
+            log(f"untied the word embeddings: {previous}")
 
     shipped = write_shipped_folder(result.export_dir / "harmon_model", out / "harmon-toy")
     info["shipped_folder"] = str(shipped)
@@ -123,7 +129,10 @@ def prepare_toy(out: str | Path, settings: ToyTrainSettings | None = None, log=_
     model = HarmonModel.from_config(config)
     train_scenes = scenes(settings.num_images, "train", settings.seed)
     images = torch.from_numpy(pixels([render(s) for s in train_scenes]))
-    info["vae"] = train_vae(model.vae, images, steps=settings.vae_steps, seed=settings.seed, log=log)
+    if settings.vae_from is not None:  # Harmon's own setting: a pretrained tokenizer, frozen
+        info["vae"] = {"from": str(settings.vae_from), **load_toy_vae(model.vae, settings.vae_from)}
+    else:
+        info["vae"] = train_vae(model.vae, images, steps=settings.vae_steps, seed=settings.seed, log=log)
     held_out = torch.from_numpy(pixels([render(s) for s in scenes(256, "test", settings.seed)]))
     info["vae"]["held_out_mse"] = reconstruction_mse(model.vae, held_out)
     scale = latent_scale(model.vae, images)
@@ -135,6 +144,10 @@ def prepare_toy(out: str | Path, settings: ToyTrainSettings | None = None, log=_
     update = {"vae_scale": scale}
     if settings.visual_grad_scale is not None:
         update["visual_grad_scale"] = settings.visual_grad_scale
+    if settings.diffusion_batch_mul is not None:
+        head = config.head
+        update["head"] = head.model_copy(update={"config": {**head.config,
+                                                          "diffusion_batch_mul": settings.diffusion_batch_mul}})
     if settings.tie_word_embeddings is not None:
         backbone = config.backbone
         update["backbone"] = backbone.model_copy(
@@ -144,8 +157,55 @@ def prepare_toy(out: str | Path, settings: ToyTrainSettings | None = None, log=_
     init = out / "init"
     model.save_pretrained(init)
     toy_tokenizer().save_pretrained(str(init))
-    log(f"vae: mse {info['vae']['mse']:.5f} (held-out {info['vae']['held_out_mse']:.5f}), vae_scale {scale:.4f}")
+    log(f"vae: held-out mse {info['vae']['held_out_mse']:.5f}, vae_scale {scale:.4f}")
     return {"data": data_dir, "init": init, "vae_state": vae_state, "vae_scale": scale, "info": info}
+
+
+def untie_word_embeddings(model_folder: str | Path, folder: str | Path) -> Path:
+    """The ``HarmonModel`` of ``model_folder`` with its LLM's input and output word embeddings made two parameters
+    (both start as the tied matrix), saved with its tokenizer to ``folder``. Nothing else changes: the other weights
+    load strictly into the untied model."""
+    import shutil
+
+    from harmon.model import HarmonModel
+
+    model_folder, folder = Path(model_folder), Path(folder)
+    tied = HarmonModel.from_pretrained(model_folder)
+    backbone = tied.config.backbone
+    if backbone.config.get("tie_word_embeddings") is False:
+        raise ValueError(f"untie_word_embeddings: {model_folder} is untied already")
+    config = tied.config.model_copy(update={"backbone": backbone.model_copy(
+        update={"config": {**backbone.config, "tie_word_embeddings": False}})})
+    untied = HarmonModel.from_config(config)
+    untied.load_state_dict(tied.state_dict(), strict=True)  # the tied matrix fills both embeddings
+    untied.save_pretrained(folder)
+    for file in model_folder.iterdir():  # the tokenizer and chat template
+        if file.is_file() and not (folder / file.name).exists():
+            shutil.copy2(file, folder / file.name)
+    return folder
+
+
+def load_toy_vae(vae, source: str | Path) -> dict[str, Any]:
+    """Load the trained VAE of ``source`` (a pipeline folder with ``vae/``, or an embedded name such as
+    ``"harmon-toy"``) into ``vae`` (the preset's, built from the config), strictly: its architecture must be the
+    preset's. Returns the load's seconds."""
+    from diffusers import AutoencoderKL
+
+    from harmon.toy import pretrained_folder
+
+    started = time.perf_counter()
+    folder = pretrained_folder(str(source)) or Path(source)
+    if not (folder / "vae" / "config.json").is_file():
+        raise FileNotFoundError(f"vae_from: {folder} has no vae/config.json (a pipeline folder, or 'harmon-toy')")
+    state = AutoencoderKL.from_pretrained(str(folder / "vae")).float().state_dict()
+    expected = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
+    differs = sorted(set(expected).symmetric_difference(state)) + sorted(
+        k for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
+    if differs:  # checked before loading: load_state_dict would copy the matching tensors before it raised
+        raise ValueError(f"vae_from: the VAE in {folder / 'vae'} is not the harmon-toy preset's ({len(differs)} "
+                         f"tensors missing, extra or of another shape, e.g. {differs[:3]})")
+    vae.load_state_dict(state, strict=True)
+    return {"seconds": time.perf_counter() - started}
 
 
 def write_shipped_folder(model_folder: Path, folder: Path) -> Path:
@@ -184,6 +244,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--untied-embeddings", action="store_true",
                         help="separate LLM input and output word embeddings (the preset ties them); measured "
                         "trade-off in docs/toy.md")
+    parser.add_argument("--vae-from", metavar="FOLDER",
+                        help="reuse the trained VAE of a pipeline folder (or 'harmon-toy', the shipped one) instead of "
+                        "training one (--vae-steps is then unused)")
+    parser.add_argument("--untie-after-reading", action="store_true",
+                        help="tie the word embeddings through the reading warm-up, untie them from stage II on")
     parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
                         help="a recipe field for every stage, e.g. training.micro_batch_size=16")
     return parser
@@ -205,6 +270,7 @@ def settings_from_args(args: argparse.Namespace) -> ToyTrainSettings:
         seed=args.seed, num_images=args.num_images, vae_steps=args.vae_steps,
         stage_steps=tuple(args.stage_steps) if args.stage_steps else None, threads=args.threads or None,
         overrides=list(args.override), tie_word_embeddings=False if args.untied_embeddings else None,
+        untie_after_reading=args.untie_after_reading, vae_from=args.vae_from,
     )
 
 
