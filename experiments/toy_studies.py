@@ -165,7 +165,7 @@ def run_grid(args, run_one, one_vae: bool = False) -> list[dict]:
                 continue
             if prepared is None:
                 settings = ToyTrainSettings(seed=seed, num_images=args.num_images, vae_steps=args.vae_steps,
-                                            threads=args.threads)
+                                            threads=args.threads, vae_from=args.vae_from)
                 prepared = prepare_toy(out / f"prepared-seed{seed}", settings)
                 shared = prepared if one_vae else None
             row = run_one(name, prepared, seed, args, out)
@@ -186,6 +186,9 @@ def grid_parser(description: str, out: str, variants: tuple[str, ...]) -> argpar
     parser.add_argument("--canvases", type=int, default=50, help="toy understanding canvases")
     parser.add_argument("--num-images", type=int, default=8000, help="training canvases")
     parser.add_argument("--vae-steps", type=int, default=800)
+    parser.add_argument("--vae-from", metavar="FOLDER", default=None,
+                        help="reuse this pipeline folder's trained VAE (or 'harmon-toy', the shipped one) for every "
+                        "seed instead of training one per seed")
     parser.add_argument("--threads", type=int, default=1)
     return parser
 

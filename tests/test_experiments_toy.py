@@ -64,8 +64,17 @@ def test_toy_studies_runs_every_variant_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(toy_studies, "PROBE_TRAIN", 40)
     monkeypatch.setattr(toy_studies, "PROBE_TEST", 20)
     argv = ["--out", str(tmp_path), "--seeds", "0", "--steps", "3", "--prompts", "2", "--canvases", "2",
-            "--mar-steps", "2", "--num-images", "40", "--vae-steps", "2"]
+            "--mar-steps", "2", "--num-images", "40", "--vae-from", "harmon-toy"]
     assert toy_studies.main(argv) == 0
+    import torch
+    from diffusers import AutoencoderKL
+
+    from harmon import HarmonModel
+    from harmon.toy import pretrained_folder
+
+    shipped = AutoencoderKL.from_pretrained(str(pretrained_folder("harmon-toy") / "vae")).state_dict()
+    used = HarmonModel.from_pretrained(tmp_path / "unified-seed0" / "init").vae.state_dict()
+    assert all(torch.equal(v.float(), used[k]) for k, v in shipped.items())  # --vae-from: the shipped VAE, not trained
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert [r["variant"] for r in rows] == list(toy_studies.VARIANTS)
     for row in rows:
