@@ -145,13 +145,9 @@ def prepare_toy(out: str | Path, settings: ToyTrainSettings | None = None, log=_
     if settings.visual_grad_scale is not None:
         update["visual_grad_scale"] = settings.visual_grad_scale
     if settings.diffusion_batch_mul is not None:
-        head = config.head
-        update["head"] = head.model_copy(update={"config": {**head.config,
-                                                          "diffusion_batch_mul": settings.diffusion_batch_mul}})
+        update["head"] = with_config(config.head, diffusion_batch_mul=settings.diffusion_batch_mul)
     if settings.tie_word_embeddings is not None:
-        backbone = config.backbone
-        update["backbone"] = backbone.model_copy(
-            update={"config": {**backbone.config, "tie_word_embeddings": settings.tie_word_embeddings}})
+        update["backbone"] = with_config(config.backbone, tie_word_embeddings=settings.tie_word_embeddings)
     model = HarmonModel.from_config(config.model_copy(update=update))
     model.vae.load_state_dict(vae_state)
     init = out / "init"
@@ -159,6 +155,11 @@ def prepare_toy(out: str | Path, settings: ToyTrainSettings | None = None, log=_
     toy_tokenizer().save_pretrained(str(init))
     log(f"vae: held-out mse {info['vae']['held_out_mse']:.5f}, vae_scale {scale:.4f}")
     return {"data": data_dir, "init": init, "vae_state": vae_state, "vae_scale": scale, "info": info}
+
+
+def with_config(spec, **values):
+    """A component spec (``HarmonConfig.head``, ``.backbone``, ...) with ``values`` over its config overrides."""
+    return spec.model_copy(update={"config": {**spec.config, **values}})
 
 
 def untie_word_embeddings(model_folder: str | Path, folder: str | Path) -> Path:
@@ -171,11 +172,9 @@ def untie_word_embeddings(model_folder: str | Path, folder: str | Path) -> Path:
 
     model_folder, folder = Path(model_folder), Path(folder)
     tied = HarmonModel.from_pretrained(model_folder)
-    backbone = tied.config.backbone
-    if backbone.config.get("tie_word_embeddings") is False:
+    if tied.config.backbone.config.get("tie_word_embeddings") is False:
         raise ValueError(f"untie_word_embeddings: {model_folder} is untied already")
-    config = tied.config.model_copy(update={"backbone": backbone.model_copy(
-        update={"config": {**backbone.config, "tie_word_embeddings": False}})})
+    config = tied.config.model_copy(update={"backbone": with_config(tied.config.backbone, tie_word_embeddings=False)})
     untied = HarmonModel.from_config(config)
     untied.load_state_dict(tied.state_dict(), strict=True)  # the tied matrix fills both embeddings
     untied.save_pretrained(folder)
