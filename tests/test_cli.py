@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import PIL.Image
 import pytest
 import torch
@@ -63,12 +64,16 @@ def test_generate_under_a_two_process_cpu_launch_splits_the_prompts(pipeline_dir
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    printed = sorted(line for line in result.stdout.splitlines() if line[:5].isdigit())
-    assert printed == [f"{i:05d}: {p}" for i, p in enumerate(prompts)]  # every prompt once, not once per process
+    # every prompt once, not once per process (counted, not per line: the two processes' lines can interleave)
+    assert [result.stdout.count(f"{i:05d}: {p}") for i, p in enumerate(prompts)] == [1, 1, 1], result.stdout
     single = sorted(p.name for p in (tmp_path / "single").iterdir())
     assert sorted(p.name for p in (tmp_path / "launched").iterdir()) == single
-    for name in single:
-        assert (tmp_path / "single" / name).read_bytes() == (tmp_path / "launched" / name).read_bytes(), name
+    for name in single:  # same seed, same image, up to round-off: a prompt batched with others (one process)
+        # or alone (its process's share) goes through other BLAS paths; measured on a 2-core x86 machine: one
+        # 8-bit level on 0.008 % of one image's pixels, the other images identical; a wrong seed changes them all
+        one = np.asarray(PIL.Image.open(tmp_path / "single" / name), dtype=np.int16)
+        launched = np.asarray(PIL.Image.open(tmp_path / "launched" / name), dtype=np.int16)
+        assert np.abs(one - launched).max() <= 1 and (one != launched).mean() < 0.01, name
 
 
 def test_generate_with_the_fast_sampler_and_a_bad_head_steps(pipeline_dir, tmp_path, capsys):
