@@ -52,7 +52,8 @@ def validate_arguments(args: argparse.Namespace) -> None:
     for name in POSITIVE_INTS:
         if getattr(args, name, None) is not None:
             check_int(flag(name), getattr(args, name), minimum=1)
-    if getattr(args, "num_images", None) is not None:  # images per pipeline call, before loading anything
+    if getattr(args, "num_images", None) is not None and getattr(args, "batch_size", None) is not None:
+        # images per pipeline call, before loading anything (`harmon toy train --num-images` is a dataset size)
         check_batch("--num-images × --batch-size", args.num_images * args.batch_size)
     if getattr(args, "seed", None) is not None:
         check_seed("--seed", args.seed)

@@ -11,7 +11,7 @@ from harmon.toy.eval import understanding
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-SHORT = dict(num_images=600, vae_steps=100, stage_steps=(10, 500, 10, 10), visual_grad_scale=0.1)
+SHORT = dict(num_images=600, vae_steps=100, stage_steps=(10, 500, 10, 10, 10), visual_grad_scale=0.1)
 # Harmon's visual_grad_scale 0.1, not the preset's 1.0: measured, at 1.0 this 500-step run read colours at 0.09 and
 # stayed at the majority (0.385 against 0.376 + 0.05); the full recipe's 6900 steps at 1.0 read them at 0.64
 # stage II: understanding only, from the multi-turn conversations (every question of an image answered in one
@@ -68,7 +68,7 @@ def test_a_short_run_learns_to_understand(short_run):
 
 def test_the_run_writes_its_timings(short_run):
     _, info, seconds, _ = short_run
-    assert list(info["stages"]) == ["reading", "stage2", "stage3", "head"]
+    assert list(info["stages"]) == ["reading", "stage2", "stage3", "answers", "drawing"]
     assert info["shipped_bytes"] < 5_000_000
     assert 0 < info["total_seconds"] <= seconds
 
@@ -78,23 +78,55 @@ def test_untie_after_reading_unties_from_stage_two_on(tmp_path):
     tied, stage II starts from its untied copy, and the shipped folder stays untied."""
     import json
 
-    from accelerate.state import AcceleratorState, GradientState
-
     from harmon.model import HarmonModel
-    from harmon.toy.train import ToyTrainSettings, train_toy
 
-    settings = ToyTrainSettings(num_images=32, threads=1, vae_from="harmon-toy", untie_after_reading=True,
-                                stage_steps=(1, 1, 1, 1), overrides=["training.global_batch_size=4",
-                                                                     "training.micro_batch_size=4"])
-    try:
-        info = train_toy(tmp_path, settings, log=None)
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+    info = one_step_per_stage(tmp_path, untie_after_reading=True)
     reading = HarmonModel.from_pretrained(tmp_path / "reading" / "export" / "harmon_model")
     assert reading.llm.config.tie_word_embeddings is not False
     assert HarmonModel.from_pretrained(tmp_path / "reading-untied").llm.config.tie_word_embeddings is False
     assert list(json.loads((tmp_path / "train_info.json").read_text())["stages"]) == ["reading", "stage2", "stage3",
-                                                                                       "head"]
+                                                                                       "answers", "drawing"]
     llm_config = json.loads((tmp_path / "harmon-toy" / "llm" / "config.json").read_text())
     assert llm_config["tie_word_embeddings"] is False and info["vae"]["from"] == "harmon-toy"
+
+
+def one_step_per_stage(tmp_path, overrides=(), stage_steps=(1, 1, 1, 1, 1), **settings):
+    from accelerate.state import AcceleratorState, GradientState
+
+    from harmon.toy.train import ToyTrainSettings, train_toy
+
+    settings = ToyTrainSettings(num_images=32, threads=1, vae_from="harmon-toy", stage_steps=stage_steps,
+                                overrides=["training.global_batch_size=4", "training.micro_batch_size=4", *overrides],
+                                **settings)
+    try:
+        return train_toy(tmp_path, settings, log=None)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+def test_the_drawing_stage_keeps_the_understanding_path(tmp_path):
+    """``drawing`` re-fits the generation side only: the LLM, the MAR encoder and proj_in leave it bit for bit as
+    the answers stage left them (so every understanding answer is kept), while the decoder, proj_out and the head
+    train."""
+    import torch
+
+    from harmon.model import HarmonModel
+
+    # three drawing steps (the warm-up's first step has learning rate 0); with weight decay, a module the optimizer
+    # held would move even without a gradient
+    one_step_per_stage(tmp_path, overrides=["optimizer.weight_decay=0.02"], stage_steps=(1, 1, 1, 1, 3))
+    before = HarmonModel.from_pretrained(tmp_path / "answers" / "export" / "harmon_model").state_dict()
+    after = HarmonModel.from_pretrained(tmp_path / "drawing" / "export" / "harmon_model").state_dict()
+    assert before.keys() == after.keys()
+    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"decoder", "proj_out", "head"}, changed
+
+
+def test_stage_steps_need_one_value_per_stage(tmp_path):
+    from harmon.toy.train import ToyTrainSettings, train_toy
+
+    with pytest.raises(ValueError, match=r"stage_steps: 4 values given, one per stage is needed \(reading, stage2, "
+                                         r"stage3, answers, drawing\)"):
+        train_toy(tmp_path, ToyTrainSettings(stage_steps=(1, 1, 1, 1)), log=None)
+    assert not any(tmp_path.iterdir())  # refused before anything was written

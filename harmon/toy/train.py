@@ -1,5 +1,5 @@
-"""Train harmon-toy from scratch: data → toy VAE → the three-stage recipe (with a reading warm-up) on the
-project's training engine.
+"""Train harmon-toy from scratch: data → toy VAE → the three-stage recipe (with a reading warm-up, an answers stage
+and a drawing stage) on the project's training engine.
 
     harmon toy train --out runs/harmon-toy                 # the shipped weights' recipe (see docs/toy.md)
     python -m harmon.toy.train --out runs/harmon-toy --threads 2
@@ -9,10 +9,10 @@ project's training engine.
 2. the preset's KL VAE is trained on those images (:mod:`harmon.toy.vae`) and ``vae_scale`` measured;
 3. a ``harmon-toy`` model (random init, the trained VAE, the toy tokenizer) is saved as ``OUT/init``;
 4. ``harmon/toy/recipes/reading.yaml`` (the toy's reading warm-up in place of the paper's stage I: digit
-   questions only, as its LLM starts from nothing), ``stage2.yaml``, ``stage3.yaml`` and ``head.yaml`` (the
-   diffusion head alone, text → image) run one after the other with :func:`harmon.training.train`, each from the
-   previous one's export;
-5. stage III's export is written as an fp16 pipeline folder ``OUT/harmon-toy`` (what the package ships) and the
+   questions only, as its LLM starts from nothing), ``stage2.yaml``, ``stage3.yaml``, ``answers.yaml`` (image →
+   text on every question kind) and ``drawing.yaml`` (text → image with the understanding path frozen) run one
+   after the other with :func:`harmon.training.train`, each from the previous one's export;
+5. the last export is written as an fp16 pipeline folder ``OUT/harmon-toy`` (what the package ships) and the
    timings go to ``OUT/train_info.json``.
 """
 
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 RECIPES = Path(__file__).with_name("recipes")
-STAGES = ("reading", "stage2", "stage3", "head")
+STAGES = ("reading", "stage2", "stage3", "answers", "drawing")
 """The recipes run in order (``recipes/<name>.yaml``), each from the previous one's export."""
 
 
@@ -38,7 +38,7 @@ class ToyTrainSettings:
     seed: int = 0
     num_images: int = 8000
     vae_steps: int = 800
-    stage_steps: tuple[int, int, int, int] | None = None  # reading, II, III, head; None: the recipes'
+    stage_steps: tuple[int, ...] | None = None  # one per STAGES entry, in order; None: the recipes'
     threads: int | None = 2
     overrides: list[str] = field(default_factory=list)  # extra -o KEY=VALUE for every stage
     stage_overrides: dict[str, list[str]] = field(default_factory=dict)  # extra KEY=VALUE for one stage (by name)
@@ -62,6 +62,9 @@ def train_toy(out: str | Path, settings: ToyTrainSettings | None = None, log=_lo
     unknown = sorted(set(settings.stage_overrides) - set(STAGES))
     if unknown:
         raise ValueError(f"stage_overrides: unknown stage(s) {unknown}; the stages are {list(STAGES)}")
+    if settings.stage_steps is not None and len(settings.stage_steps) != len(STAGES):
+        raise ValueError(f"stage_steps: {len(settings.stage_steps)} values given, one per stage is needed "
+                         f"({', '.join(STAGES)})")
     log = log or (lambda message: None)
     out = Path(out)
     started = time.perf_counter()
@@ -236,9 +239,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-images", type=int, default=ToyTrainSettings.num_images)
     parser.add_argument("--vae-steps", type=int, default=ToyTrainSettings.vae_steps)
-    parser.add_argument("--stage-steps", type=int, nargs=4, metavar=("READING", "II", "III", "HEAD"),
-                        help="optimizer steps of the reading warm-up, stages II and III and the head refinement "
-                        "(default: the recipes')")
+    parser.add_argument("--stage-steps", type=int, nargs=len(STAGES), metavar=("READING", "II", "III", "ANSWERS",
+                                                                               "DRAWING"),
+                        help="optimizer steps of the reading warm-up, stages II and III, the answers stage and the "
+                        "drawing refinement (default: the recipes')")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--untied-embeddings", action="store_true",
                         help="separate LLM input and output word embeddings (the preset ties them); measured "
