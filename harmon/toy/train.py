@@ -239,8 +239,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-images", type=int, default=ToyTrainSettings.num_images)
     parser.add_argument("--vae-steps", type=int, default=ToyTrainSettings.vae_steps)
-    parser.add_argument("--stage-steps", type=int, nargs=len(STAGES), metavar=("READING", "II", "III", "ANSWERS",
-                                                                               "DRAWING"),
+    parser.add_argument("--stage-steps", type=int, nargs=len(STAGES), metavar=tuple(s.upper() for s in STAGES),
                         help="optimizer steps of the reading warm-up, stages II and III, the answers stage and the "
                         "drawing refinement (default: the recipes')")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (0: torch's default)")
