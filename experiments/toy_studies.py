@@ -119,7 +119,10 @@ def run_variant(name: str, prepared: dict, seed: int, args, out: Path) -> dict:
     init = initial_model(prepared, seed, spec.get("decoupled", False), run / "init", args.visual_grad_scale)
     overrides = [f"output_dir={run / 'train'}", f"data.root={prepared['data']}", f"model.pretrained={init}",
                  f"seed={seed}", f"training.max_steps={args.steps}", f"data.ratios={json.dumps(spec['ratios'])}",
-                 "training.log_every=100"]
+                 "training.log_every=100",
+                 # the paper's losses only: the studies compare Harmon's recipe, measured before the toy's
+                 # condition probes existed (and an understanding-only variant has no text→image batch to probe)
+                 "condition_probes=null"]
     started = time.perf_counter()
     result = train(load_config(RECIPES / "stage2.yaml", overrides=overrides))
     row: dict = {"variant": name, "seed": seed, "train_seconds": time.perf_counter() - started}

@@ -360,6 +360,34 @@ class HarmonModel(nn.Module):
         mask = torch.zeros(batch, seq_len).scatter_(1, orders[:, :num_masked], 1.0)
         return mask.to(device=self.device, dtype=self.dtype)
 
+    def text_to_image_conditions(
+        self,
+        tokens: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """The MAR decoder's per-token conditions ``(B, m·n, D)`` for ``tokens (B, m, n, C)`` under ``mask
+        (B, m·n)`` (1 = masked) given the prompts: what the diffusion head is conditioned on in training."""
+        m, n = tokens.shape[1:3]
+        x_enc = self.encoder_step(tokens, mask, attention_mask, prompt_embeds=self.embed_text(input_ids))
+        return self.decoder(x_enc, mask, (m, n))
+
+    def diffusion_loss(
+        self,
+        tokens: torch.Tensor,
+        conditions: torch.Tensor,
+        mask: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """The head's diffusion loss on the masked tokens of ``tokens (B, m, n, C)`` under ``conditions
+        (B, m·n, D)``; each token row is repeated ``diffusion_batch_mul`` times."""
+        batch, m, n, channels = tokens.shape
+        repeats = self.head.config.diffusion_batch_mul
+        target = tokens.reshape(batch * m * n, channels).repeat(repeats, 1)
+        z = conditions.reshape(batch * m * n, -1).repeat(repeats, 1)
+        return self.head.loss(target, z, mask.reshape(-1).repeat(repeats), generator=generator)
+
     def text_to_image_loss(
         self,
         tokens: torch.Tensor,
@@ -369,16 +397,13 @@ class HarmonModel(nn.Module):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Diffusion loss on the masked tokens of ``tokens (B, m, n, C)`` (from :meth:`encode_image`) given the
-        prompts; each token row is repeated ``diffusion_batch_mul`` times for the head."""
-        batch, m, n, channels = tokens.shape
+        prompts (:meth:`text_to_image_conditions`, then :meth:`diffusion_loss`); ``mask`` defaults to
+        :meth:`random_training_mask`."""
+        batch, m, n, _ = tokens.shape
         if mask is None:
             mask = self.random_training_mask(batch, m * n, generator)
-        x_enc = self.encoder_step(tokens, mask, attention_mask, prompt_embeds=self.embed_text(input_ids))
-        z = self.decoder(x_enc, mask, (m, n))
-        repeats = self.head.config.diffusion_batch_mul
-        target = tokens.reshape(batch * m * n, channels).repeat(repeats, 1)
-        z = z.reshape(batch * m * n, -1).repeat(repeats, 1)
-        return self.head.loss(target, z, mask.reshape(-1).repeat(repeats), generator=generator)
+        conditions = self.text_to_image_conditions(tokens, input_ids, attention_mask, mask)
+        return self.diffusion_loss(tokens, conditions, mask, generator)
 
     def image_to_text_loss(
         self,
@@ -435,12 +460,8 @@ class HarmonModel(nn.Module):
         z_understanding = self.understanding_embeddings(pixels, tokens=tokens)
         z_understanding = scale_gradient(z_understanding, self.config.visual_grad_scale)
         prompt_embeds = self.splice_image_embeddings(input_ids, z_understanding, image_token_id)
-        batch, m, n, channels = tokens.shape
+        batch, m, n, _ = tokens.shape
         if mask is None:
             mask = self.random_training_mask(batch, m * n, generator)
         x_enc = self.encoder_step(tokens, mask, attention_mask.to(self.device), prompt_embeds=prompt_embeds)
-        z = self.decoder(x_enc, mask, (m, n))
-        repeats = self.head.config.diffusion_batch_mul
-        target = tokens.reshape(batch * m * n, channels).repeat(repeats, 1)
-        z = z.reshape(batch * m * n, -1).repeat(repeats, 1)
-        return self.head.loss(target, z, mask.reshape(-1).repeat(repeats), generator=generator)
+        return self.diffusion_loss(tokens, self.decoder(x_enc, mask, (m, n)), mask, generator)

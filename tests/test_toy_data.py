@@ -89,6 +89,35 @@ def test_write_dataset_reads_back_through_the_training_engine(tmp_path):
     turns = llava.entries[0]["turns"]
     assert {(q, a) for q, a in turns[:-1]} == {(q, a) for _, q, a in questions(first)}
     assert turns[-1][1] == caption(first)
+    # the condition probes' labels: each slot's digit and colour class, "empty" for an empty slot
+    from harmon.toy.data import EMPTY_COLOUR, EMPTY_DIGIT, PROBE_REGIONS, PROBE_TARGETS
+    from harmon.training.config import ConditionProbeConfig
+
+    probes = ConditionProbeConfig(weight=1.0, regions=PROBE_REGIONS, targets=PROBE_TARGETS)
+    for i, scene_digits in enumerate(described):
+        scene = Scene(tuple(Digit(**d) for d in scene_digits))
+        text, labels = captions.caption_and_region_labels(i, probes)
+        assert text == caption(scene)
+        for r, side in enumerate(PROBE_REGIONS):
+            digit = scene.on(side)
+            expected = [digit.value, COLOURS.index(digit.colour)] if digit else [EMPTY_DIGIT, EMPTY_COLOUR]
+            assert labels[r].tolist() == expected
+
+
+def test_the_recipes_probe_the_slots_the_data_labels():
+    """Every toy recipe with condition probes names the data's regions and class counts."""
+    from harmon.toy.data import PROBE_REGIONS, PROBE_TARGETS
+    from harmon.toy.train import RECIPES, STAGES
+    from harmon.training.config import load_config
+
+    probed = []
+    for stage in STAGES:
+        recipe = load_config(RECIPES / f"{stage}.yaml", check_files=False)
+        if recipe.condition_probes is not None:
+            probed.append(stage)
+            assert recipe.condition_probes.regions == PROBE_REGIONS
+            assert recipe.condition_probes.targets == PROBE_TARGETS
+    assert probed == ["stage2", "stage3", "drawing"]
 
 
 def test_tokenizer_has_one_token_per_word_and_the_chat_specials(tmp_path):

@@ -27,7 +27,7 @@ SHORT = dict(num_images=600, vae_steps=100, stage_steps=(10, 500, 10, 10, 10), v
 # 1200 steps mixing them 2 : 1 and 200 head steps (understanding 0.51 against 0.38, layout 0.50; 0.45 at CFG 8,
 # 0.50 at CFG 1). The samples are blobs or blow-ups: the generation path needs thousands of steps (docs/toy.md)
 SHORT_OVERRIDES = ["training.global_batch_size=16", "training.micro_batch_size=16"]
-STAGE_OVERRIDES = {"stage2": ["data.ratios.text=0", "data.ratios.text_to_image=0",
+STAGE_OVERRIDES = {"stage2": ["data.ratios.text=0", "data.ratios.text_to_image=0", "condition_probes=null",
                               'data.image_to_text=[{"format": "llava", "path": "llava.json"}]']}
 
 

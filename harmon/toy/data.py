@@ -142,12 +142,29 @@ def scenes(count: int, split: str = "train", seed: int = 0, split_seed: int = 0)
 
 # ------------------------------------------------------------------------------------------------- writing
 CAPTION_QUESTION = "Describe the image."
+EMPTY_DIGIT = 10  # the digit class of an empty slot
+EMPTY_COLOUR = len(COLOURS)  # the colour class of an empty slot
+PROBE_REGIONS = {"left": (0.0, 0.25, 0.5, 0.75), "right": (0.5, 0.25, 1.0, 0.75)}
+"""The slots as boxes (x0, y0, x1, y1) in image fractions: the 32×32 windows around the 24×24 digits."""
+PROBE_TARGETS = {"digit": 11, "colour": len(COLOURS) + 1}
+"""Classes of the condition probes' targets (the ten digits / five colours, and *empty*)."""
+
+
+def region_labels(scene: Scene) -> dict[str, dict[str, int]]:
+    """The condition probes' labels of ``scene`` (``harmon.training.probes``): per slot its digit and colour
+    class, :data:`EMPTY_DIGIT` / :data:`EMPTY_COLOUR` when the slot is empty."""
+    out = {}
+    for side in SIDES:
+        digit = scene.on(side)
+        out[side] = ({"digit": digit.value, "colour": COLOURS.index(digit.colour)} if digit is not None
+                     else {"digit": EMPTY_DIGIT, "colour": EMPTY_COLOUR})
+    return out
 
 
 def write_dataset(root: str | Path, count: int = 4000, split: str = "train", seed: int = 0) -> Path:
     """Write ``count`` scenes of ``split`` under ``root`` in the training engine's layouts::
 
-        images/00000.png, annotations/00000.json ({"caption": ...}), data_info.json   (format: caption)
+        images/00000.png, annotations/00000.json ({"caption", "region_labels"}), data_info.json (format: caption)
         llava.json          every question of each image, shuffled, then the caption  (format: llava)
         questions.json      one single-turn conversation per question (and per caption) (format: llava)
         digit_questions.json    the "What digit is on the …?" ones of questions.json         (format: llava)
@@ -163,7 +180,7 @@ def write_dataset(root: str | Path, count: int = 4000, split: str = "train", see
         image_name, annotation_name = f"images/{i:05d}.png", f"annotations/{i:05d}.json"
         render(scene).save(root / image_name)
         text_caption = caption(scene)
-        (root / annotation_name).write_text(json.dumps({"caption": text_caption}))
+        (root / annotation_name).write_text(json.dumps({"caption": text_caption, "region_labels": region_labels(scene)}))
         info.append({"image": image_name, "annotation": annotation_name})
         asked = questions(scene)
         order = rng.permutation(len(asked))

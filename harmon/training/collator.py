@@ -174,6 +174,10 @@ class HarmonCollator:
             rows = [self.generation_prompt(caption) for caption in captions]
             batch["captions"] = captions
             batch["pixels"] = torch.stack([s["pixels"] for s in samples])
+            if "region_labels" in samples[0]:  # condition probes: a dropped caption's labels count for nothing
+                labels = torch.stack([s["region_labels"] for s in samples])
+                labels[torch.tensor([not c for c in captions])] = IGNORE_INDEX
+                batch["region_labels"] = labels
             label_rows = None
         elif task == "image_to_text":
             rows, label_rows = zip(*(self.conversation(s["turns"]) for s in samples))

@@ -283,6 +283,41 @@ class LossWeights(_Strict):
     reconstruction: NonNegativeFloat = 1.0
 
 
+class ConditionProbeConfig(_Strict):
+    """Condition probes (:mod:`harmon.training.probes`): an auxiliary loss on text→image micro-batches, linear
+    classifiers on region averages of the MAR decoder's conditions against the captions' ``region_labels``
+    (each annotation: ``{"caption": ..., "region_labels": {region: {target: class}}}``). Trained, never exported."""
+
+    weight: PositiveFloat = Field(description="the probes' loss is added to the text→image loss times this")
+    lr: PositiveFloat = Field(1.0e-3, description="AdamW learning rate of the probes (no weight decay)")
+    regions: dict[str, tuple[float, float, float, float]] = Field(
+        description="name → box (x0, y0, x1, y1) in fractions of the image width and height"
+    )
+    targets: dict[str, PositiveInt] = Field(description="name → number of classes")
+    labels_key: str = Field("region_labels", description="the annotations' key holding the labels")
+    conditions: Literal["prompt_only", "training"] = Field(
+        "prompt_only",
+        description="prompt_only: the probes read the conditions of the same prompts with every token masked "
+        "(MAR's first step: nothing of the image is visible, so only the caption can answer); training: the "
+        "training mask's conditions (visible tokens can answer too)",
+    )
+
+    @model_validator(mode="after")
+    def _boxes(self) -> "ConditionProbeConfig":
+        if not self.regions or not self.targets:
+            raise ValueError("condition_probes: regions and targets each need at least one entry")
+        for name, (x0, y0, x1, y1) in self.regions.items():
+            if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+                raise ValueError(
+                    f"condition_probes.regions.{name}: {(x0, y0, x1, y1)} is not a box (x0, y0, x1, y1) with "
+                    "0 ≤ x0 < x1 ≤ 1 and 0 ≤ y0 < y1 ≤ 1"
+                )
+        for name, classes in self.targets.items():
+            if classes < 2:
+                raise ValueError(f"condition_probes.targets.{name}: {classes} class(es); a classifier needs ≥ 2")
+        return self
+
+
 class TrainingConfig(_Strict):
     max_steps: PositiveInt
     global_batch_size: PositiveInt
@@ -313,6 +348,9 @@ class TrainConfig(_Strict):
     schedule: ScheduleConfig = ScheduleConfig()
     training: TrainingConfig
     loss_weights: LossWeights = LossWeights()
+    condition_probes: ConditionProbeConfig | None = Field(
+        None, description="auxiliary region classifiers on the text→image conditions (none: off)"
+    )
     data: DataConfig
 
     @model_validator(mode="after")
@@ -332,6 +370,12 @@ class TrainConfig(_Strict):
                 self.module_lr(name)  # raises when a trainable module has no learning rate
         if not any(name in CORE_MODULES for name in self.trainable_modules):
             raise ValueError("frozen_modules: every module is frozen, nothing would train")
+        return self
+
+    @model_validator(mode="after")
+    def _probes_need_generation(self) -> "TrainConfig":
+        if self.condition_probes is not None and self.data.ratios.as_dict()["text_to_image"] == 0:
+            raise ValueError("condition_probes: they read text→image batches, but data.ratios.text_to_image is 0")
         return self
 
     @property

@@ -29,7 +29,16 @@ from torchvision.transforms import functional as TF
 from torchvision.transforms import InterpolationMode
 
 from harmon.pipelines.image_processing import load_image
-from harmon.training.config import TASKS, CaptionSource, DataConfig, ImageFolderSource, LlavaSource, TextSource
+from harmon.training.collator import IGNORE_INDEX
+from harmon.training.config import (
+    TASKS,
+    CaptionSource,
+    ConditionProbeConfig,
+    DataConfig,
+    ImageFolderSource,
+    LlavaSource,
+    TextSource,
+)
 
 GRAY = (127, 127, 127)
 _IMAGE_PLACEHOLDER = re.compile(r"\s*<image>\s*")
@@ -89,7 +98,7 @@ class CaptionRecords:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def caption(self, index: int) -> str:
+    def annotation(self, index: int) -> tuple[Path, dict]:
         path = self.annotation_folder / self.entries[index]["annotation"]
         try:
             annotation = json.loads(path.read_text())
@@ -97,7 +106,33 @@ class CaptionRecords:
             raise ValueError(f"{path}: cannot read the annotation JSON: {error}") from error
         if not isinstance(annotation, dict) or self.source.caption_key not in annotation:
             raise KeyError(f"{path} has no {self.source.caption_key!r}")
-        return str(annotation[self.source.caption_key]).strip()
+        return path, annotation
+
+    def caption(self, index: int) -> str:
+        return str(self.annotation(index)[1][self.source.caption_key]).strip()
+
+    def caption_and_region_labels(self, index: int, probes: ConditionProbeConfig) -> tuple[str, torch.Tensor]:
+        """The caption and its ``(regions, targets)`` class labels for the condition probes (-100 where the
+        annotation names no class; every named class is checked against the target's class count)."""
+        path, annotation = self.annotation(index)
+        labels = torch.full((len(probes.regions), len(probes.targets)), IGNORE_INDEX, dtype=torch.long)
+        given = annotation.get(probes.labels_key, {})
+        if not isinstance(given, dict):
+            raise ValueError(f"{path}: {probes.labels_key!r} must map regions to {{target: class}}")
+        unknown = sorted(set(given) - set(probes.regions))
+        if unknown:
+            raise ValueError(f"{path}: {probes.labels_key} names regions {unknown} that condition_probes.regions "
+                             f"does not define ({sorted(probes.regions)})")
+        for r, region in enumerate(probes.regions):
+            for t, (target, classes) in enumerate(probes.targets.items()):
+                value = given.get(region, {}).get(target)
+                if value is None:
+                    continue
+                if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < classes:
+                    raise ValueError(f"{path}: {probes.labels_key}.{region}.{target} is {value!r}, not a class in "
+                                     f"[0, {classes})")
+                labels[r, t] = value
+        return str(annotation[self.source.caption_key]).strip(), labels
 
     def image(self, index: int) -> Image.Image:
         return load_rgb(self.image_folder / self.entries[index]["image"])
@@ -232,8 +267,9 @@ class MultiTaskDataset(Dataset):
     understanding path reads and the target).
     """
 
-    def __init__(self, data: DataConfig) -> None:
+    def __init__(self, data: DataConfig, probes: ConditionProbeConfig | None = None) -> None:
         self.image_size = data.image_size
+        self.probes = probes  # text→image samples then carry their captions' region labels
         ratios = data.ratios.as_dict()
         self.sources: dict[str, list] = {}
         for task in TASKS:
@@ -263,7 +299,14 @@ class MultiTaskDataset(Dataset):
         sample: dict[str, Any] = {"task": task, "draw": int(draw)}
         if task == "text_to_image":
             sample["pixels"] = generation_pixels(records.image(local), self.image_size)
-            sample["caption"] = records.caption(local)
+            if self.probes is not None and isinstance(records, CaptionRecords):
+                sample["caption"], sample["region_labels"] = records.caption_and_region_labels(local, self.probes)
+            else:
+                sample["caption"] = records.caption(local)
+                if self.probes is not None:  # a source without region labels: nothing to probe
+                    sample["region_labels"] = torch.full(
+                        (len(self.probes.regions), len(self.probes.targets)), IGNORE_INDEX, dtype=torch.long
+                    )
         elif task == "reconstruction":
             sample["pixels"] = generation_pixels(records.image(local), self.image_size)
         elif task == "image_to_text":

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from harmon.model import HarmonModel
-from harmon.training.config import MODULE_NAMES, ModelSource, TrainConfig
+from harmon.training.config import MODULE_NAMES, ConditionProbeConfig, ModelSource, TrainConfig
+from harmon.training.probes import ConditionProbes
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,11 @@ def understanding_tokens(model: HarmonModel, image_size: int) -> int:
         return grid * grid + model.buffer_size
     with torch.no_grad():
         return int(model.image_embeddings(torch.zeros(1, 3, image_size, image_size)).shape[1])
+
+
+def condition_width(model: HarmonModel) -> int:
+    """Width of the MAR decoder's per-token conditions: what the diffusion head reads (``cond_dim``)."""
+    return int(model.head.config.cond_dim)
 
 
 # ---------------------------------------------------------------------------------------------------- freezing
@@ -163,10 +169,21 @@ class HarmonTrainingModule(nn.Module):
     """Wraps a :class:`HarmonModel` so that every task's loss goes through one ``forward`` — what DDP, FSDP and
     DeepSpeed hook into (calling the model's methods directly would bypass their gradient synchronisation)."""
 
-    def __init__(self, model: HarmonModel, image_token_id: int) -> None:
+    def __init__(
+        self, model: HarmonModel, image_token_id: int, probes: ConditionProbeConfig | None = None
+    ) -> None:
         super().__init__()
         self.model = model
         self.image_token_id = image_token_id
+        # training-only region classifiers on the text→image conditions (harmon.training.probes); not in `model`,
+        # so never exported
+        self.probes = None
+        self.probe_weight = 0.0
+        if probes is not None:
+            self.probes = ConditionProbes(condition_width(model), probes.regions, probes.targets)
+            self.probe_weight = probes.weight
+            self.probe_conditions = probes.conditions
+        self.last_probe_metrics: dict[str, float] = {}
         # HarmonModel versions with decoupled understanding encoders take the pixels as well
         self._loss_takes_pixels = "pixels" in inspect.signature(model.image_to_text_loss).parameters
 
@@ -180,7 +197,21 @@ class HarmonTrainingModule(nn.Module):
         task = batch["task"]
         if task == "text_to_image":
             tokens = model.encode_image(batch["pixels"])
-            return model.text_to_image_loss(tokens, batch["input_ids"], batch["attention_mask"], generator=generator)
+            if self.probes is None:
+                return model.text_to_image_loss(
+                    tokens, batch["input_ids"], batch["attention_mask"], generator=generator
+                )
+            batch_size, m, n, _ = tokens.shape
+            mask = model.random_training_mask(batch_size, m * n, generator)
+            conditions = model.text_to_image_conditions(tokens, batch["input_ids"], batch["attention_mask"], mask)
+            loss = model.diffusion_loss(tokens, conditions, mask, generator)
+            if self.probe_conditions == "prompt_only":  # every token masked: the conditions of MAR's first step
+                conditions = model.text_to_image_conditions(
+                    tokens, batch["input_ids"], batch["attention_mask"], torch.ones_like(mask)
+                )
+            probe_loss, accuracy = self.probes(conditions, (m, n), batch["region_labels"])
+            self.last_probe_metrics = {"probe_loss": float(probe_loss.detach()), "probe_accuracy": float(accuracy)}
+            return loss + self.probe_weight * probe_loss
         if task == "image_to_text":
             pixels = batch["pixels"]
             if not getattr(model, "understanding_reads_pixels", False):

@@ -185,9 +185,13 @@ class Trainer:
         self.trainable = apply_freezing(model, config)
         self.checkpointed_modules = enable_gradient_checkpointing(model) if training.gradient_checkpointing else []
         self.model = model
-        self.module = HarmonTrainingModule(model, self.image_token_id).train()
+        self.module = HarmonTrainingModule(model, self.image_token_id, config.condition_probes).train()
 
         groups = parameter_groups(self.trainable, config)
+        if self.module.probes is not None:  # training-only classifiers (harmon.training.probes): no weight decay
+            groups.append({"params": list(self.module.probes.parameters()), "lr": config.condition_probes.lr,
+                           "weight_decay": 0.0, "module": "condition_probes", "name": "condition_probes"})
+        self._probe_window: list[dict[str, float]] = []
         self.optimizer = torch.optim.AdamW(
             groups, betas=tuple(config.optimizer.betas), eps=config.optimizer.eps,
             weight_decay=config.optimizer.weight_decay,
@@ -199,7 +203,7 @@ class Trainer:
             if ensure_shapes_dataset(config.data.root, count=synthetic.count, size=synthetic.size, seed=synthetic.seed):
                 logger.info(f"wrote the synthetic shapes data to {config.data.root}", main_process_only=True)
         accelerator.wait_for_everyone()
-        self.dataset = MultiTaskDataset(config.data)
+        self.dataset = MultiTaskDataset(config.data, config.condition_probes)
         self.schedule = TaskSchedule(config.data.ratios.as_dict(), config.seed)
         self.collator = HarmonCollator(
             self.tokenizer,
@@ -357,6 +361,8 @@ class Trainer:
                         self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 window[task].append(loss.detach().float())
+                if task == "text_to_image" and config.condition_probes is not None:
+                    self._probe_window.append(accelerator.unwrap_model(self.module).last_probe_metrics)
                 self.micro_step += 1
                 if not accelerator.sync_gradients:
                     continue
@@ -407,6 +413,10 @@ class Trainer:
         record["loss/total"] = total / self.accumulation
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
+        if self._probe_window:  # condition probes (this process's micro-batches); their loss is in text_to_image's
+            for key in ("probe_loss", "probe_accuracy"):
+                record[f"probes/{key.split('_')[1]}"] = float(np.mean([m[key] for m in self._probe_window]))
+            self._probe_window.clear()
         for group in self.optimizer.param_groups:
             if not group["name"].endswith("/no_decay"):
                 record[f"lr/{group['name']}"] = group["lr"]
@@ -454,7 +464,8 @@ class Trainer:
         state = accelerator.get_state_dict(self.module)
         info = None
         if accelerator.is_main_process:
-            state = {k.removeprefix("model."): v for k, v in state.items()}
+            # the training module's own parts (the condition probes) are not the model's: never exported
+            state = {k.removeprefix("model."): v for k, v in state.items() if not k.startswith("probes.")}
             model = HarmonModel.from_config(self.model_config)
             load_state_dict_strict(model, {k: v.detach().float().cpu() for k, v in state.items()}, "trained weights")
             info = export_model(model, self.tokenizer, folder, {
