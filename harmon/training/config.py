@@ -295,11 +295,11 @@ class ConditionProbeConfig(_Strict):
     )
     targets: dict[str, PositiveInt] = Field(description="name → number of classes")
     labels_key: str = Field("region_labels", description="the annotations' key holding the labels")
-    conditions: Literal["prompt_only", "training"] = Field(
-        "prompt_only",
-        description="prompt_only: the probes read the conditions of the same prompts with every token masked "
-        "(MAR's first step: nothing of the image is visible, so only the caption can answer); training: the "
-        "training mask's conditions (visible tokens can answer too)",
+    conditions: Literal["training", "prompt_only"] = Field(
+        "training",
+        description="training: the training mask's conditions (visible tokens can answer too); prompt_only: the "
+        "conditions of the same prompts with every token masked (MAR's first step: nothing of the image is "
+        "visible, so only the caption can answer; one more forward per batch)",
     )
 
     @model_validator(mode="after")
