@@ -63,13 +63,13 @@ class ConditionProbes(nn.Module):
         self.regions = {name: tuple(float(v) for v in box) for name, box in regions.items()}
         self.targets = dict(targets)
         self.classifiers = nn.ModuleDict({name: nn.Linear(width, int(k)) for name, k in self.targets.items()})
-        self._weights: dict[tuple[int, int], torch.Tensor] = {}
+        self._weights: dict[tuple, torch.Tensor] = {}  # per grid, device and dtype: built once, not every step
 
     def weights(self, grid: tuple[int, int], device, dtype) -> torch.Tensor:
-        key = (int(grid[0]), int(grid[1]))
+        key = (int(grid[0]), int(grid[1]), torch.device(device), dtype)
         if key not in self._weights:
-            self._weights[key] = region_weights(self.regions, key)
-        return self._weights[key].to(device=device, dtype=dtype)
+            self._weights[key] = region_weights(self.regions, key[:2]).to(device=device, dtype=dtype)
+        return self._weights[key]
 
     def forward(
         self, conditions: torch.Tensor, grid: tuple[int, int], labels: torch.Tensor
