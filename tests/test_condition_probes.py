@@ -195,7 +195,7 @@ def test_the_module_adds_the_weighted_probe_loss_to_the_unchanged_diffusion_loss
     plain = HarmonTrainingModule(model, 3)(batch, generator=seeded(5))
     probed = HarmonTrainingModule(model, 3, config)
     total = probed(batch, generator=seeded(5))
-    probe_loss = probed.last_probe_metrics["probe_loss"]
+    probe_loss = float(probed.last_probe_metrics["probes/loss"])
     assert probe_loss > 0
     # the same mask, timesteps and noise as without probes: the difference is the weighted probe loss alone
     assert float(total.detach()) == pytest.approx(float(plain.detach()) + 0.25 * probe_loss, rel=1e-6)
@@ -255,7 +255,7 @@ def test_prompt_only_probes_read_the_prompt_alone_and_training_probes_the_visibl
                  "region_labels": labels}
         with torch.no_grad():
             module(batch, generator=seeded(5))
-        losses.append(module.last_probe_metrics["probe_loss"])
+        losses.append(float(module.last_probe_metrics["probes/loss"]))
     if conditions == "prompt_only":
         assert losses[0] == losses[1]
     else:

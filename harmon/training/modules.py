@@ -183,7 +183,9 @@ class HarmonTrainingModule(nn.Module):
             self.probes = ConditionProbes(condition_width(model), probes.regions, probes.targets)
             self.probe_weight = probes.weight
             self.probe_conditions = probes.conditions
-        self.last_probe_metrics: dict[str, float] = {}
+        # the last text→image batch's probe loss and accuracy, detached tensors keyed as the trainer logs them
+        # (converted there, once per optimizer step: no device sync per micro-batch)
+        self.last_probe_metrics: dict[str, torch.Tensor] = {}
         # HarmonModel versions with decoupled understanding encoders take the pixels as well
         self._loss_takes_pixels = "pixels" in inspect.signature(model.image_to_text_loss).parameters
 
@@ -210,7 +212,7 @@ class HarmonTrainingModule(nn.Module):
                     tokens, batch["input_ids"], batch["attention_mask"], torch.ones_like(mask)
                 )
             probe_loss, accuracy = self.probes(conditions, (m, n), batch["region_labels"])
-            self.last_probe_metrics = {"probe_loss": float(probe_loss.detach()), "probe_accuracy": float(accuracy)}
+            self.last_probe_metrics = {"probes/loss": probe_loss.detach(), "probes/accuracy": accuracy}
             return loss + self.probe_weight * probe_loss
         if task == "image_to_text":
             pixels = batch["pixels"]

@@ -191,7 +191,7 @@ class Trainer:
         if self.module.probes is not None:  # training-only classifiers (harmon.training.probes): no weight decay
             groups.append({"params": list(self.module.probes.parameters()), "lr": config.condition_probes.lr,
                            "weight_decay": 0.0, "module": "condition_probes", "name": "condition_probes"})
-        self._probe_window: list[dict[str, float]] = []
+        self._probe_window: list[dict[str, torch.Tensor]] = []
         self.optimizer = torch.optim.AdamW(
             groups, betas=tuple(config.optimizer.betas), eps=config.optimizer.eps,
             weight_decay=config.optimizer.weight_decay,
@@ -414,8 +414,8 @@ class Trainer:
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
         if self._probe_window:  # condition probes (this process's micro-batches); their loss is in text_to_image's
-            for key in ("probe_loss", "probe_accuracy"):
-                record[f"probes/{key.split('_')[1]}"] = float(np.mean([m[key] for m in self._probe_window]))
+            for key in self._probe_window[0]:
+                record[key] = float(torch.stack([m[key].float() for m in self._probe_window]).mean())
             self._probe_window.clear()
         for group in self.optimizer.param_groups:
             if not group["name"].endswith("/no_decay"):
