@@ -109,6 +109,12 @@ def test_mismatched_labels_or_grid_are_refused(labels, grid, message):
     ({"weight": 0.5, "regions": {}, "targets": {"d": 3}}, "regions and targets each need at least one entry"),
     ({"weight": 0, "regions": {"l": [0, 0, 1, 1]}, "targets": {"d": 3}}, "weight"),
     ({"weight": 0.5, "regions": {"l": [0, 0, 1, 1]}, "targets": {"d": 3}, "typo": 1}, "typo"),
+    ({"weight": 0.5, "regions": {"l": [0, 0, 1, 1]}, "targets": {"d": 3}, "conditions": {"c": "prompt_only"}},
+     r"conditions: \['c'\] name no target"),
+    ({"weight": 0.5, "regions": {"l": [0, 0, 1, 1]}, "targets": {"d": 3}, "conditions": {"d": "first_step"}},
+     "conditions"),
+    ({"weight": 0.5, "regions": {"l": [0, 0, 1, 1]}, "targets": {"d": 3}, "first_step_diffusion": -1},
+     "first_step_diffusion"),
 ])
 def test_bad_probe_settings_are_refused_naming_the_field(probes, message):
     with pytest.raises(ValidationError, match=message):
@@ -238,6 +244,42 @@ def test_a_run_with_probes_trains_them_logs_them_and_exports_the_model_without_t
     reset_accelerate_state()
 
 
+def test_first_step_diffusion_adds_the_weighted_diffusion_loss_of_the_prompt_only_conditions():
+    """``first_step_diffusion = w``: the loss gains ``w`` × the diffusion loss with every token masked, on the
+    conditions the prompts alone give (recomputed here by hand with the generator's draws in the module's order)."""
+    model = tiny_model(seed=0)
+    pixels = torch.rand(2, 3, 64, 64) * 2 - 1
+    ids, attention = prompt_rows([[5, 6, 7, 8], [9, 10, 11]], None)
+    batch = {"task": "text_to_image", "pixels": pixels, "input_ids": ids, "attention_mask": attention,
+             "region_labels": torch.full((2, 2, 1), IGNORE_INDEX)}  # no probe loss: the difference is the new term
+    config = ConditionProbeConfig(weight=0.25, regions=HALVES, targets={"shape": 3}, first_step_diffusion=0.5)
+    with torch.no_grad():
+        total = HarmonTrainingModule(model, 3, config)(batch, generator=seeded(5))
+        generator = seeded(5)
+        tokens = model.encode_image(pixels)
+        b, m, n, _ = tokens.shape
+        mask = model.random_training_mask(b, m * n, generator)
+        plain = model.diffusion_loss(tokens, model.text_to_image_conditions(tokens, ids, attention, mask), mask,
+                                     generator)
+        everything = torch.ones_like(mask)
+        first = model.diffusion_loss(tokens, model.text_to_image_conditions(tokens, ids, attention, everything),
+                                     everything, generator)
+    assert float(first) > 0 and float(total) == pytest.approx(float(plain) + 0.5 * float(first), rel=1e-6)
+    assert float(total) != pytest.approx(float(plain), rel=1e-3)
+
+def probe_metrics_on_two_images(module, ids, attention, labels) -> list[dict]:
+    """The module's probe metrics on the same prompts, labels, mask and noise under two different images."""
+    out = []
+    for image_seed in (0, 1):
+        pixels = torch.rand(2, 3, 64, 64, generator=seeded(image_seed)) * 2 - 1
+        batch = {"task": "text_to_image", "pixels": pixels, "input_ids": ids, "attention_mask": attention,
+                 "region_labels": labels}
+        with torch.no_grad():
+            module(batch, generator=seeded(5))
+        out.append(dict(module.last_probe_metrics))
+    return out
+
+
 @pytest.mark.parametrize("conditions", ["prompt_only", "training"])
 def test_prompt_only_probes_read_the_prompt_alone_and_training_probes_the_visible_tokens(conditions):
     """``prompt_only`` probes read MAR's first-step conditions (every token masked): another image under the same
@@ -248,15 +290,33 @@ def test_prompt_only_probes_read_the_prompt_alone_and_training_probes_the_visibl
     labels = torch.tensor([[[1], [0]], [[0], [2]]])
     config = ConditionProbeConfig(weight=0.25, regions=HALVES, targets={"shape": 3}, conditions=conditions)
     module = HarmonTrainingModule(model, 3, config)
-    losses = []
-    for image_seed in (0, 1):
-        pixels = torch.rand(2, 3, 64, 64, generator=seeded(image_seed)) * 2 - 1
-        batch = {"task": "text_to_image", "pixels": pixels, "input_ids": ids, "attention_mask": attention,
-                 "region_labels": labels}
-        with torch.no_grad():
-            module(batch, generator=seeded(5))
-        losses.append(float(module.last_probe_metrics["probes/loss"]))
+    losses = [float(m["probes/loss"]) for m in probe_metrics_on_two_images(module, ids, attention, labels)]
     if conditions == "prompt_only":
+        assert losses[0] == losses[1]
+    else:
+        assert abs(losses[0] - losses[1]) > 1e-6
+
+
+@pytest.mark.parametrize("read", ["prompt_only", "training"])
+def test_each_target_reads_its_own_conditions(read):
+    """``conditions`` per target: ``shape`` reads the prompt-only conditions, ``tint`` the training mask's. With only
+    the target under test labelled, another image leaves the loss unchanged for the prompt-only one and changes it
+    for the training one (a module feeding both probes the same conditions fails one of the two cases)."""
+    model = tiny_model(seed=0)
+    ids, attention = prompt_rows([[5, 6, 7, 8], [9, 10, 11]], None)
+    config = ConditionProbeConfig(weight=0.25, regions=HALVES, targets={"shape": 3, "tint": 4},
+                                  conditions={"shape": "prompt_only"})
+    assert (config.source_of("shape"), config.source_of("tint")) == ("prompt_only", "training")
+    module = HarmonTrainingModule(model, 3, config)
+    labels = torch.full((2, 2, 2), IGNORE_INDEX)
+    labelled = 0 if read == "prompt_only" else 1
+    labels[:, :, labelled] = torch.tensor([[1, 0], [0, 2]])
+    losses = []
+    for metrics in probe_metrics_on_two_images(module, ids, attention, labels):
+        losses.append(float(metrics["probes/loss"]))
+        unlabelled = "probes/accuracy/" + ("tint" if read == "prompt_only" else "shape")
+        assert torch.isnan(metrics[unlabelled]) and 0 <= float(metrics["probes/accuracy"]) <= 1
+    if read == "prompt_only":
         assert losses[0] == losses[1]
     else:
         assert abs(losses[0] - losses[1]) > 1e-6

@@ -283,6 +283,9 @@ class LossWeights(_Strict):
     reconstruction: NonNegativeFloat = 1.0
 
 
+ConditionSource = Literal["training", "prompt_only"]
+
+
 class ConditionProbeConfig(_Strict):
     """Condition probes (:mod:`harmon.training.probes`): an auxiliary loss on text→image micro-batches, linear
     classifiers on region averages of the MAR decoder's conditions against the captions' ``region_labels``
@@ -295,12 +298,26 @@ class ConditionProbeConfig(_Strict):
     )
     targets: dict[str, PositiveInt] = Field(description="name → number of classes")
     labels_key: str = Field("region_labels", description="the annotations' key holding the labels")
-    conditions: Literal["training", "prompt_only"] = Field(
+    conditions: ConditionSource | dict[str, ConditionSource] = Field(
         "training",
-        description="training: the training mask's conditions (visible tokens can answer too); prompt_only: the "
-        "conditions of the same prompts with every token masked (MAR's first step: nothing of the image is "
-        "visible, so only the caption can answer; one more forward per batch)",
+        description="which conditions each probe reads — one source for every target, or target → source (targets "
+        "not named read 'training'). training: the training mask's conditions (visible tokens can answer too); "
+        "prompt_only: the conditions of the same prompts with every token masked (MAR's first step: nothing of the "
+        "image is visible, so only the caption can answer; one more forward per batch)",
     )
+
+    first_step_diffusion: NonNegativeFloat = Field(
+        0.0,
+        description="also the diffusion loss on the prompt-only conditions (every token masked, as at MAR's first "
+        "step), added to the text→image loss times this; 0: off. The head then has to draw from what the caption "
+        "put in the conditions, not only from the visible tokens",
+    )
+
+    def source_of(self, target: str) -> str:
+        """The conditions ``target``'s probe reads (``training`` or ``prompt_only``)."""
+        if isinstance(self.conditions, str):
+            return self.conditions
+        return self.conditions.get(target, "training")
 
     @model_validator(mode="after")
     def _boxes(self) -> "ConditionProbeConfig":
@@ -311,6 +328,12 @@ class ConditionProbeConfig(_Strict):
                 raise ValueError(
                     f"condition_probes.regions.{name}: {(x0, y0, x1, y1)} is not a box (x0, y0, x1, y1) with "
                     "0 ≤ x0 < x1 ≤ 1 and 0 ≤ y0 < y1 ≤ 1"
+                )
+        if isinstance(self.conditions, dict):
+            unknown = sorted(set(self.conditions) - set(self.targets))
+            if unknown:
+                raise ValueError(
+                    f"condition_probes.conditions: {unknown} name no target (the targets: {sorted(self.targets)})"
                 )
         for name, classes in self.targets.items():
             if classes < 2:

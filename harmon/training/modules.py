@@ -179,10 +179,12 @@ class HarmonTrainingModule(nn.Module):
         # so never exported
         self.probes = None
         self.probe_weight = 0.0
+        self.first_step_weight = 0.0
         if probes is not None:
-            self.probes = ConditionProbes(condition_width(model), probes.regions, probes.targets)
+            self.probes = ConditionProbes(condition_width(model), probes.regions, probes.targets,
+                                          {name: probes.source_of(name) for name in probes.targets})
             self.probe_weight = probes.weight
-            self.probe_conditions = probes.conditions
+            self.first_step_weight = probes.first_step_diffusion
         # the last text→image batch's probe loss and accuracy, detached tensors keyed as the trainer logs them
         # (converted there, once per optimizer step: no device sync per micro-batch)
         self.last_probe_metrics: dict[str, torch.Tensor] = {}
@@ -207,12 +209,20 @@ class HarmonTrainingModule(nn.Module):
             mask = model.random_training_mask(batch_size, m * n, generator)
             conditions = model.text_to_image_conditions(tokens, batch["input_ids"], batch["attention_mask"], mask)
             loss = model.diffusion_loss(tokens, conditions, mask, generator)
-            if self.probe_conditions == "prompt_only":  # every token masked: the conditions of MAR's first step
-                conditions = model.text_to_image_conditions(
+            by_source = {"training": conditions}
+            if self.first_step_weight > 0 or "prompt_only" in self.probes.sources.values():
+                # every token masked: the conditions of MAR's first step
+                by_source["prompt_only"] = model.text_to_image_conditions(
                     tokens, batch["input_ids"], batch["attention_mask"], torch.ones_like(mask)
                 )
-            probe_loss, accuracy = self.probes(conditions, (m, n), batch["region_labels"])
+            if self.first_step_weight > 0:
+                loss = loss + self.first_step_weight * model.diffusion_loss(
+                    tokens, by_source["prompt_only"], torch.ones_like(mask), generator)
+            probe_loss, accuracy = self.probes(by_source, (m, n), batch["region_labels"])
             self.last_probe_metrics = {"probes/loss": probe_loss.detach(), "probes/accuracy": accuracy}
+            if len(self.probes.targets) > 1:
+                self.last_probe_metrics.update(
+                    {f"probes/accuracy/{name}": value for name, value in self.probes.last_accuracy.items()})
             return loss + self.probe_weight * probe_loss
         if task == "image_to_text":
             pixels = batch["pixels"]

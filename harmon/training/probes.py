@@ -49,19 +49,31 @@ def region_weights(
 class ConditionProbes(nn.Module):
     """Linear classifiers over region averages of the decoder's conditions (see the module docstring).
 
-    ``regions``: name → box ``(x0, y0, x1, y1)`` in image fractions; ``targets``: name → number of classes.
-    :meth:`forward` takes conditions ``(B, m·n, D)``, the grid ``(m, n)`` and labels ``(B, R, T)`` (regions and
-    targets in the order given; :data:`~harmon.training.collator.IGNORE_INDEX` where absent) and returns the mean
-    cross-entropy over targets (0 when every label is ignored) and the probes' accuracy on the labelled entries."""
+    ``regions``: name → box ``(x0, y0, x1, y1)`` in image fractions; ``targets``: name → number of classes;
+    ``sources``: target → which conditions its probe reads (a key of the mapping :meth:`forward` is given; targets
+    not named read ``"training"``). :meth:`forward` takes conditions ``(B, m·n, D)`` — one tensor for every target,
+    or source → tensor —, the grid ``(m, n)`` and labels ``(B, R, T)`` (regions and targets in the order given;
+    :data:`~harmon.training.collator.IGNORE_INDEX` where absent) and returns the mean cross-entropy over targets
+    (0 when every label is ignored) and the probes' accuracy on the labelled entries; :attr:`last_accuracy` holds
+    each target's (detached, NaN when none of its labels was given)."""
 
     def __init__(
-        self, width: int, regions: dict[str, tuple[float, float, float, float]], targets: dict[str, int]
+        self,
+        width: int,
+        regions: dict[str, tuple[float, float, float, float]],
+        targets: dict[str, int],
+        sources: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         if not regions or not targets:
             raise ValueError("condition_probes needs at least one region and one target")
         self.regions = {name: tuple(float(v) for v in box) for name, box in regions.items()}
         self.targets = dict(targets)
+        unknown = sorted(set(sources or {}) - set(self.targets))
+        if unknown:
+            raise ValueError(f"condition_probes: sources name no target: {unknown} (the targets: {sorted(self.targets)})")
+        self.sources = {name: (sources or {}).get(name, "training") for name in self.targets}
+        self.last_accuracy: dict[str, torch.Tensor] = {}
         self.classifiers = nn.ModuleDict({name: nn.Linear(width, int(k)) for name, k in self.targets.items()})
         self._weights: dict[tuple, torch.Tensor] = {}  # per grid, device and dtype: built once, not every step
 
@@ -72,25 +84,39 @@ class ConditionProbes(nn.Module):
         return self._weights[key]
 
     def forward(
-        self, conditions: torch.Tensor, grid: tuple[int, int], labels: torch.Tensor
+        self, conditions: torch.Tensor | dict[str, torch.Tensor], grid: tuple[int, int], labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        batch, length, _ = conditions.shape
-        if length != grid[0] * grid[1]:
-            raise ValueError(f"conditions hold {length} tokens, the grid {grid[0]}×{grid[1]} has {grid[0] * grid[1]}")
+        by_source = conditions if isinstance(conditions, dict) else {s: conditions for s in set(self.sources.values())}
+        missing = sorted(set(self.sources.values()) - set(by_source))
+        if missing:
+            raise ValueError(f"condition probes: no {missing} conditions given (given: {sorted(by_source)})")
+        first = next(iter(by_source.values()))
+        batch = first.shape[0]
+        for source, tensor in by_source.items():
+            if tensor.shape[1] != grid[0] * grid[1]:
+                raise ValueError(f"conditions hold {tensor.shape[1]} tokens, the grid {grid[0]}×{grid[1]} has "
+                                 f"{grid[0] * grid[1]}")
         expected = (batch, len(self.regions), len(self.targets))
         if tuple(labels.shape) != expected:
             raise ValueError(f"region labels have shape {tuple(labels.shape)}, expected {expected} (batch, regions, targets)")
-        pooled = torch.einsum("rl,bld->brd", self.weights(grid, conditions.device, conditions.dtype), conditions)
-        losses, hits, count = [], conditions.new_zeros(()), 0
-        for t, classifier in enumerate(self.classifiers.values()):
-            target = labels[:, :, t].reshape(-1).to(conditions.device)
-            logits = classifier(pooled).reshape(-1, classifier.out_features).float()
+        weights = self.weights(grid, first.device, first.dtype)
+        pooled = {source: torch.einsum("rl,bld->brd", weights, by_source[source])
+                  for source in set(self.sources.values())}
+        losses, hits, count = [], first.new_zeros(()), 0
+        self.last_accuracy = {}
+        for t, (name, classifier) in enumerate(self.classifiers.items()):
+            target = labels[:, :, t].reshape(-1).to(first.device)
+            logits = classifier(pooled[self.sources[name]]).reshape(-1, classifier.out_features).float()
             keep = target != IGNORE_INDEX
             if bool(keep.any()):
                 losses.append(F.cross_entropy(logits[keep], target[keep]))
-                hits = hits + (logits[keep].argmax(-1) == target[keep]).sum()
+                correct = (logits[keep].argmax(-1) == target[keep]).sum()
+                hits = hits + correct
                 count += int(keep.sum())
+                self.last_accuracy[name] = (correct / keep.sum()).detach()
+            else:
+                self.last_accuracy[name] = first.new_full((), float("nan"))
         if not losses:  # every caption dropped: no gradient, but keep the probes in the graph (DDP)
             zero = sum(p.sum() for p in self.parameters()) * 0.0
-            return zero, conditions.new_zeros(())
+            return zero, first.new_zeros(())
         return torch.stack(losses).mean(), (hits / count).detach()

@@ -415,7 +415,10 @@ class Trainer:
             record["grad_norm"] = float(grad_norm)
         if self._probe_window:  # condition probes (this process's micro-batches); their loss is in text_to_image's
             for key in self._probe_window[0]:
-                record[key] = float(torch.stack([m[key].float() for m in self._probe_window]).mean())
+                values = torch.stack([m[key].float() for m in self._probe_window])
+                values = values[~values.isnan()]  # a target with no label in a micro-batch (NaN) counts for nothing
+                if values.numel():
+                    record[key] = float(values.mean())
             self._probe_window.clear()
         for group in self.optimizer.param_groups:
             if not group["name"].endswith("/no_decay"):
