@@ -117,7 +117,7 @@ def test_the_recipes_probe_the_slots_the_data_labels():
             probed.append(stage)
             assert recipe.condition_probes.regions == PROBE_REGIONS
             assert recipe.condition_probes.targets == PROBE_TARGETS
-    assert probed == ["stage2", "stage3", "drawing"]
+    assert probed == ["stage2", "stage3", "drawing", "colour"]
 
 
 def test_tokenizer_has_one_token_per_word_and_the_chat_specials(tmp_path):
@@ -263,12 +263,12 @@ def test_harmon_toy_train_runs_from_the_command_line(tmp_path):
 
     try:
         code = main(["toy", "train", "--out", str(tmp_path), "--num-images", "32", "--vae-from", "harmon-toy",
-                     "--stage-steps", "1", "1", "1", "1", "1", "--threads", "1",
+                     "--stage-steps", "1", "1", "1", "1", "1", "1", "--threads", "1",
                      "-o", "training.global_batch_size=4", "-o", "training.micro_batch_size=4"])
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
     assert code == 0
     info = json.loads((tmp_path / "train_info.json").read_text())
-    assert info["settings"]["num_images"] == 32 and info["settings"]["stage_steps"] == [1, 1, 1, 1, 1]
+    assert info["settings"]["num_images"] == 32 and info["settings"]["stage_steps"] == [1, 1, 1, 1, 1, 1]
     assert (tmp_path / "harmon-toy" / "model_index.json").is_file()

@@ -11,7 +11,7 @@ from harmon.toy.eval import understanding
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-SHORT = dict(num_images=600, vae_from="harmon-toy", stage_steps=(10, 500, 10, 10, 10))
+SHORT = dict(num_images=600, vae_from="harmon-toy", stage_steps=(10, 500, 10, 10, 10, 10))
 # The shipped toy VAE (Harmon's own setting: a trained, frozen tokenizer) and the preset's visual_grad_scale 1.0.
 # Measured on the 2-core machine of 2026-12-02, one thread, the CPU shared, understanding on 16 canvases against
 # the majority + 0.05 = 0.426: with a 100-step VAE of its own the run answered 0.316 at visual_grad_scale 0.1 (the
@@ -36,7 +36,8 @@ SHORT_OVERRIDES = ["training.global_batch_size=16", "training.micro_batch_size=1
 STAGE_OVERRIDES = {"stage2": ["data.ratios.text=0", "data.ratios.text_to_image=0", "condition_probes=null",
                               'data.image_to_text=[{"format": "llava", "path": "llava.json"}]'],
                    # the probes off in the 10-step stages too: this run asserts understanding only (measured so)
-                   "stage3": ["condition_probes=null"], "drawing": ["condition_probes=null"]}
+                   "stage3": ["condition_probes=null"], "drawing": ["condition_probes=null"],
+                   "colour": ["condition_probes=null"]}
 
 
 def majority_baseline(result) -> float:
@@ -76,7 +77,7 @@ def test_a_short_run_learns_to_understand(short_run):
 
 def test_the_run_writes_its_timings(short_run):
     _, info, seconds, _ = short_run
-    assert list(info["stages"]) == ["reading", "stage2", "stage3", "answers", "drawing"]
+    assert list(info["stages"]) == ["reading", "stage2", "stage3", "answers", "drawing", "colour"]
     assert info["shipped_bytes"] < 5_000_000
     assert 0 < info["total_seconds"] <= seconds
 
@@ -93,12 +94,12 @@ def test_untie_after_reading_unties_from_stage_two_on(tmp_path):
     assert reading.llm.config.tie_word_embeddings is not False
     assert HarmonModel.from_pretrained(tmp_path / "reading-untied").llm.config.tie_word_embeddings is False
     assert list(json.loads((tmp_path / "train_info.json").read_text())["stages"]) == ["reading", "stage2", "stage3",
-                                                                                       "answers", "drawing"]
+                                                                                       "answers", "drawing", "colour"]
     llm_config = json.loads((tmp_path / "harmon-toy" / "llm" / "config.json").read_text())
     assert llm_config["tie_word_embeddings"] is False and info["vae"]["from"] == "harmon-toy"
 
 
-def one_step_per_stage(tmp_path, overrides=(), stage_steps=(1, 1, 1, 1, 1), **settings):
+def one_step_per_stage(tmp_path, overrides=(), stage_steps=(1, 1, 1, 1, 1, 1), **settings):
     from accelerate.state import AcceleratorState, GradientState
 
     from harmon.toy.train import ToyTrainSettings, train_toy
@@ -113,28 +114,30 @@ def one_step_per_stage(tmp_path, overrides=(), stage_steps=(1, 1, 1, 1, 1), **se
         GradientState._reset_state()
 
 
-def test_the_drawing_stage_keeps_the_understanding_path(tmp_path):
+def test_the_drawing_stage_keeps_the_understanding_path_and_the_colour_stage_its_encoder(tmp_path):
     """``drawing`` re-fits the generation side only: the LLM, the MAR encoder and proj_in leave it bit for bit as
     the answers stage left them (so every understanding answer is kept), while the decoder, proj_out and the head
-    train."""
+    train. ``colour`` trains the LLM too (image→text rehearsed) and still leaves the MAR encoder and proj_in."""
     import torch
 
     from harmon.model import HarmonModel
 
-    # three drawing steps (the warm-up's first step has learning rate 0); with weight decay, a module the optimizer
-    # held would move even without a gradient
-    one_step_per_stage(tmp_path, overrides=["optimizer.weight_decay=0.02"], stage_steps=(1, 1, 1, 1, 3))
-    before = HarmonModel.from_pretrained(tmp_path / "answers" / "export" / "harmon_model").state_dict()
-    after = HarmonModel.from_pretrained(tmp_path / "drawing" / "export" / "harmon_model").state_dict()
-    assert before.keys() == after.keys()
-    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
-    assert changed == {"decoder", "proj_out", "head"}, changed
+    # three steps per stage (the warm-up's first step has learning rate 0); with weight decay, a module the
+    # optimizer held would move even without a gradient
+    one_step_per_stage(tmp_path, overrides=["optimizer.weight_decay=0.02"], stage_steps=(1, 1, 1, 1, 3, 3))
+    states = {stage: HarmonModel.from_pretrained(tmp_path / stage / "export" / "harmon_model").state_dict()
+              for stage in ("answers", "drawing", "colour")}
+    for before, after, expected in (("answers", "drawing", {"decoder", "proj_out", "head"}),
+                                    ("drawing", "colour", {"llm", "decoder", "proj_out", "head"})):
+        assert states[before].keys() == states[after].keys()
+        changed = {k.split(".")[0] for k in states[before] if not torch.equal(states[before][k], states[after][k])}
+        assert changed == expected, (after, changed)
 
 
 def test_stage_steps_need_one_value_per_stage(tmp_path):
     from harmon.toy.train import ToyTrainSettings, train_toy
 
     with pytest.raises(ValueError, match=r"stage_steps: 4 values given, one per stage is needed \(reading, stage2, "
-                                         r"stage3, answers, drawing\)"):
+                                         r"stage3, answers, drawing, colour\)"):
         train_toy(tmp_path, ToyTrainSettings(stage_steps=(1, 1, 1, 1)), log=None)
     assert not any(tmp_path.iterdir())  # refused before anything was written

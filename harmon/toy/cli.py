@@ -13,7 +13,7 @@ def add_toy_parser(subparsers) -> argparse.ArgumentParser:
     toy = subparsers.add_parser("toy", help="harmon-toy: train it from scratch, evaluate a pipeline")
     verbs = toy.add_subparsers(dest="toy_command", required=True)
     train = verbs.add_parser("train", help="train harmon-toy from scratch (data, VAE, reading warm-up, stages II "
-                             "and III, answers, drawing)")
+                             "and III, answers, drawing, colour)")
     build_parser(train)
     train.set_defaults(func=cmd_train)
     evaluate = verbs.add_parser("eval", help="toy GenEval and understanding exact match of a pipeline")

@@ -1,5 +1,5 @@
 """Train harmon-toy from scratch: data → toy VAE → the three-stage recipe (with a reading warm-up, an answers stage
-and a drawing stage) on the project's training engine.
+a drawing stage and a colour stage) on the project's training engine.
 
     harmon toy train --out runs/harmon-toy                 # the shipped weights' recipe (see docs/toy.md)
     python -m harmon.toy.train --out runs/harmon-toy --threads 2
@@ -10,7 +10,8 @@ and a drawing stage) on the project's training engine.
 3. a ``harmon-toy`` model (random init, the trained VAE, the toy tokenizer) is saved as ``OUT/init``;
 4. ``harmon/toy/recipes/reading.yaml`` (the toy's reading warm-up in place of the paper's stage I: digit
    questions only, as its LLM starts from nothing), ``stage2.yaml``, ``stage3.yaml``, ``answers.yaml`` (image →
-   text on every question kind) and ``drawing.yaml`` (text → image with the understanding path frozen) run one
+   text on every question kind), ``drawing.yaml`` (text → image with the understanding path frozen) and
+   ``colour.yaml`` (the caption's colour asked of MAR's first step, image → text rehearsed) run one
    after the other with :func:`harmon.training.train`, each from the previous one's export;
 5. the last export is written as an fp16 pipeline folder ``OUT/harmon-toy`` (what the package ships) and the
    timings go to ``OUT/train_info.json``.
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 RECIPES = Path(__file__).with_name("recipes")
-STAGES = ("reading", "stage2", "stage3", "answers", "drawing")
+STAGES = ("reading", "stage2", "stage3", "answers", "drawing", "colour")
 """The recipes run in order (``recipes/<name>.yaml``), each from the previous one's export."""
 
 
@@ -240,8 +241,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--num-images", type=int, default=ToyTrainSettings.num_images)
     parser.add_argument("--vae-steps", type=int, default=ToyTrainSettings.vae_steps)
     parser.add_argument("--stage-steps", type=int, nargs=len(STAGES), metavar=tuple(s.upper() for s in STAGES),
-                        help="optimizer steps of the reading warm-up, stages II and III, the answers stage and the "
-                        "drawing refinement (default: the recipes')")
+                        help="optimizer steps of the reading warm-up, stages II and III, the answers stage, the "
+                        "drawing refinement and the colour stage (default: the recipes')")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--untied-embeddings", action="store_true",
                         help="separate LLM input and output word embeddings (the preset ties them); measured "
