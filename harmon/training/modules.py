@@ -211,13 +211,13 @@ class HarmonTrainingModule(nn.Module):
             loss = model.diffusion_loss(tokens, conditions, mask, generator)
             by_source = {"training": conditions}
             if self.first_step_weight > 0 or "prompt_only" in self.probes.sources.values():
-                # every token masked: the conditions of MAR's first step
+                everything = torch.ones_like(mask)  # every token masked: the conditions of MAR's first step
                 by_source["prompt_only"] = model.text_to_image_conditions(
-                    tokens, batch["input_ids"], batch["attention_mask"], torch.ones_like(mask)
+                    tokens, batch["input_ids"], batch["attention_mask"], everything
                 )
-            if self.first_step_weight > 0:
-                loss = loss + self.first_step_weight * model.diffusion_loss(
-                    tokens, by_source["prompt_only"], torch.ones_like(mask), generator)
+                if self.first_step_weight > 0:
+                    loss = loss + self.first_step_weight * model.diffusion_loss(
+                        tokens, by_source["prompt_only"], everything, generator)
             probe_loss, accuracy = self.probes(by_source, (m, n), batch["region_labels"])
             self.last_probe_metrics = {"probes/loss": probe_loss.detach(), "probes/accuracy": accuracy}
             if len(self.probes.targets) > 1:

@@ -92,7 +92,7 @@ class ConditionProbes(nn.Module):
             raise ValueError(f"condition probes: no {missing} conditions given (given: {sorted(by_source)})")
         first = next(iter(by_source.values()))
         batch = first.shape[0]
-        for source, tensor in by_source.items():
+        for tensor in by_source.values():
             if tensor.shape[1] != grid[0] * grid[1]:
                 raise ValueError(f"conditions hold {tensor.shape[1]} tokens, the grid {grid[0]}×{grid[1]} has "
                                  f"{grid[0] * grid[1]}")
