@@ -115,6 +115,10 @@ def test_mismatched_labels_or_grid_are_refused(labels, grid, message):
      "conditions"),
     ({"weight": 0.5, "regions": {"l": [0, 0, 1, 1]}, "targets": {"d": 3}, "first_step_diffusion": -1},
      "first_step_diffusion"),
+    ({"weight": 0.5, "regions": {"l": [0, 0, 1, 1]}, "targets": {"d": 3}, "region_masking": 1.5},
+     "region_masking"),
+    ({"weight": 0.5, "regions": {"l": [0, 0, 1, 1]}, "targets": {"d": 3}, "region_masking": -0.1},
+     "region_masking"),
 ])
 def test_bad_probe_settings_are_refused_naming_the_field(probes, message):
     with pytest.raises(ValidationError, match=message):
@@ -244,14 +248,21 @@ def test_a_run_with_probes_trains_them_logs_them_and_exports_the_model_without_t
     reset_accelerate_state()
 
 
-def test_first_step_diffusion_adds_the_weighted_diffusion_loss_of_the_prompt_only_conditions():
-    """``first_step_diffusion = w``: the loss gains ``w`` × the diffusion loss with every token masked, on the
-    conditions the prompts alone give (recomputed here by hand with the generator's draws in the module's order)."""
+def unlabelled_text_to_image_batch():
+    """A tiny model and a two-image text→image batch with every region label ignored (no probe loss)."""
     model = tiny_model(seed=0)
     pixels = torch.rand(2, 3, 64, 64) * 2 - 1
     ids, attention = prompt_rows([[5, 6, 7, 8], [9, 10, 11]], None)
     batch = {"task": "text_to_image", "pixels": pixels, "input_ids": ids, "attention_mask": attention,
-             "region_labels": torch.full((2, 2, 1), IGNORE_INDEX)}  # no probe loss: the difference is the new term
+             "region_labels": torch.full((2, 2, 1), IGNORE_INDEX)}
+    return model, pixels, ids, attention, batch
+
+
+def test_first_step_diffusion_adds_the_weighted_diffusion_loss_of_the_prompt_only_conditions():
+    """``first_step_diffusion = w``: the loss gains ``w`` × the diffusion loss with every token masked, on the
+    conditions the prompts alone give (recomputed here by hand with the generator's draws in the module's order)."""
+    # no probe loss: the difference is the new term
+    model, pixels, ids, attention, batch = unlabelled_text_to_image_batch()
     config = ConditionProbeConfig(weight=0.25, regions=HALVES, targets={"shape": 3}, first_step_diffusion=0.5)
     with torch.no_grad():
         total = HarmonTrainingModule(model, 3, config)(batch, generator=seeded(5))
@@ -320,3 +331,94 @@ def test_each_target_reads_its_own_conditions(read):
         assert losses[0] == losses[1]
     else:
         assert abs(losses[0] - losses[1]) > 1e-6
+
+
+# ------------------------------------------------------------------------------------------------ region masking
+GRID = (8, 8)  # HALVES on an 8×8 grid: rows 2-5, columns 0-3 (left) and 4-7 (right), 16 tokens each
+
+
+def region_members() -> torch.Tensor:
+    return region_weights(HALVES, GRID) > 0
+
+
+def training_like_mask(rows: int, masked: int, seed: int) -> torch.Tensor:
+    generator = seeded(seed)
+    orders = torch.stack([torch.randperm(64, generator=generator) for _ in range(rows)])
+    return torch.zeros(rows, 64).scatter_(1, orders[:, :masked], 1.0)
+
+
+@pytest.mark.parametrize("masked", [45, 50, 63])
+def test_region_masking_masks_one_whole_region_per_row_and_keeps_each_rows_count(masked):
+    """Probability 1: every row has one region masked whole; each row keeps its number of masked tokens (the MAR
+    encoder needs it); the tokens visible outside that region stay visible (only the region's visible tokens move);
+    both regions are chosen over the rows."""
+    probes = ConditionProbes(8, HALVES, {"digit": 3})
+    mask = training_like_mask(32, masked, seed=1)
+    out = probes.mask_regions(mask, GRID, 1.0, seeded(2))
+    members = region_members()
+    assert torch.equal(out.sum(1), mask.sum(1))
+    whole = (out[:, None, :].bool() | ~members[None]).all(-1)  # (rows, regions): region masked whole
+    assert bool(whole.any(1).all()) and bool(whole[:, 0].any()) and bool(whole[:, 1].any())
+    for row in range(32):
+        masked_whole = members[whole[row]].any(0)  # the chosen region (both, when the other is masked already)
+        still_visible = (mask[row] == 0) & ~masked_whole
+        assert bool((out[row][still_visible] == 0).all())
+    assert not torch.equal(out, mask)
+
+
+def test_region_masking_with_fewer_masked_tokens_than_the_region_masks_only_inside_it():
+    probes = ConditionProbes(8, HALVES, {"digit": 3})
+    mask = training_like_mask(8, 10, seed=3)  # 10 masked < the 16 tokens of a region
+    out = probes.mask_regions(mask, GRID, 1.0, seeded(4))
+    members = region_members()
+    assert torch.equal(out.sum(1), mask.sum(1))
+    inside = [(out[row].bool() & ~members[r]).sum() == 0 for row in range(8) for r in range(2)]
+    assert sum(bool(x) for x in inside) == 8  # each row: all 10 masked tokens lie in one region
+
+
+def test_region_masking_probability_zero_changes_nothing_and_draws_the_same_numbers():
+    """Probability 0 returns the mask unchanged; a share of the rows follows the probability; the generator
+    advances by the same draws whatever the probability (what comes after it does not depend on it)."""
+    probes = ConditionProbes(8, HALVES, {"digit": 3})
+    mask = training_like_mask(400, 50, seed=5)
+    after = []
+    for probability in (0.0, 0.3, 1.0):
+        generator = seeded(6)
+        out = probes.mask_regions(mask, GRID, probability, generator)
+        changed = (out != mask).any(1).float().mean()
+        if probability == 0.0:
+            assert torch.equal(out, mask)
+        elif probability == 0.3:
+            assert 0.2 < float(changed) < 0.4
+        after.append(torch.rand(3, generator=generator))
+    assert torch.equal(after[0], after[1]) and torch.equal(after[0], after[2])
+
+
+@pytest.mark.parametrize("probability, mask, message", [
+    (1.5, torch.ones(2, 64), r"the probability must be in \[0, 1\], got 1.5"),
+    (0.5, torch.ones(2, 63), r"the mask has shape \(2, 63\), expected \(batch, 64\) for the 8×8 grid"),
+    (0.5, torch.ones(64), r"the mask has shape \(64,\)"),
+])
+def test_bad_region_masking_input_is_refused(probability, mask, message):
+    with pytest.raises(ValueError, match=message):
+        ConditionProbes(8, HALVES, {"digit": 3}).mask_regions(mask, GRID, probability)
+
+
+def test_the_module_trains_on_the_region_masked_mask():
+    """``region_masking`` = 1: the module's loss is the diffusion loss (and the probes) under the training mask
+    with one region masked whole, recomputed here by hand with the generator's draws in the module's order."""
+    model, pixels, ids, attention, batch = unlabelled_text_to_image_batch()  # no probe loss: the diffusion loss alone
+    config = ConditionProbeConfig(weight=0.25, regions=HALVES, targets={"shape": 3}, region_masking=1.0)
+    with torch.no_grad():
+        module = HarmonTrainingModule(model, 3, config)
+        total = module(batch, generator=seeded(5))
+        plain = HarmonTrainingModule(model, 3, config.model_copy(update={"region_masking": 0.0}))(
+            batch, generator=seeded(5))
+        generator = seeded(5)
+        tokens = model.encode_image(pixels)
+        b, m, n, _ = tokens.shape
+        mask = module.probes.mask_regions(model.random_training_mask(b, m * n, generator), (m, n), 1.0, generator)
+        by_hand = model.diffusion_loss(tokens, model.text_to_image_conditions(tokens, ids, attention, mask), mask,
+                                       generator)
+    assert float(total) == pytest.approx(float(by_hand), rel=1e-6)
+    assert float(total) != pytest.approx(float(plain), rel=1e-4)

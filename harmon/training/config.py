@@ -313,6 +313,14 @@ class ConditionProbeConfig(_Strict):
         "put in the conditions, not only from the visible tokens",
     )
 
+    region_masking: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="the probability that a text→image sample's training mask also masks every token of one of the "
+        "regions (chosen uniformly), for the diffusion loss and the probes alike: the state of MAR's sampling when a "
+        "region's first token is drawn (other tokens drawn, none of that region), which the training mask almost "
+        "never gives (it leaves a few tokens of most regions visible, and they show what the region holds); 0: off",
+    )
+
     def source_of(self, target: str) -> str:
         """The conditions ``target``'s probe reads (``training`` or ``prompt_only``)."""
         if isinstance(self.conditions, str):

@@ -180,11 +180,13 @@ class HarmonTrainingModule(nn.Module):
         self.probes = None
         self.probe_weight = 0.0
         self.first_step_weight = 0.0
+        self.region_masking = 0.0
         if probes is not None:
             self.probes = ConditionProbes(condition_width(model), probes.regions, probes.targets,
                                           {name: probes.source_of(name) for name in probes.targets})
             self.probe_weight = probes.weight
             self.first_step_weight = probes.first_step_diffusion
+            self.region_masking = probes.region_masking
         # the last text→image batch's probe loss and accuracy, detached tensors keyed as the trainer logs them
         # (converted there, once per optimizer step: no device sync per micro-batch)
         self.last_probe_metrics: dict[str, torch.Tensor] = {}
@@ -207,6 +209,8 @@ class HarmonTrainingModule(nn.Module):
                 )
             batch_size, m, n, _ = tokens.shape
             mask = model.random_training_mask(batch_size, m * n, generator)
+            if self.region_masking > 0:
+                mask = self.probes.mask_regions(mask, (m, n), self.region_masking, generator)
             conditions = model.text_to_image_conditions(tokens, batch["input_ids"], batch["attention_mask"], mask)
             loss = model.diffusion_loss(tokens, conditions, mask, generator)
             by_source = {"training": conditions}

@@ -83,6 +83,34 @@ class ConditionProbes(nn.Module):
             self._weights[key] = region_weights(self.regions, key[:2]).to(device=device, dtype=dtype)
         return self._weights[key]
 
+    def mask_regions(
+        self, mask: torch.Tensor, grid: tuple[int, int], probability: float, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """``mask (B, m·n)`` (1 = masked) with, for each row with probability ``probability``, one region (chosen
+        uniformly) masked whole, as far as the row's count of masked tokens allows; a new tensor. Each row keeps its
+        count (the MAR encoder needs the same number of visible tokens in every row): the region's visible tokens
+        trade places with masked tokens outside it, chosen at random. Draws from ``generator`` (CPU) the same numbers
+        whatever ``probability`` is."""
+        if not 0.0 <= probability <= 1.0:
+            raise ValueError(f"region masking: the probability must be in [0, 1], got {probability}")
+        if mask.dim() != 2 or mask.shape[1] != grid[0] * grid[1]:
+            raise ValueError(f"region masking: the mask has shape {tuple(mask.shape)}, expected (batch, "
+                             f"{grid[0] * grid[1]}) for the {grid[0]}×{grid[1]} grid")
+        batch, length = mask.shape
+        chosen = torch.rand(batch, generator=generator) < probability
+        region = torch.randint(len(self.regions), (batch,), generator=generator)
+        jitter = torch.rand(batch, length, generator=generator)
+        members = (self.weights(grid, torch.device("cpu"), torch.float32) > 0)[region].float()  # (B, m·n)
+        masked = mask.detach().to("cpu", torch.float32)
+        # masked first: the region's tokens, then the tokens masked already, then the rest; random within each
+        priority = 2.0 * members + masked + jitter
+        order = priority.argsort(dim=1, descending=True)
+        counts = masked.sum(dim=1, keepdim=True)
+        ranked = (torch.arange(length)[None, :] < counts).float()
+        moved = torch.zeros_like(masked).scatter_(1, order, ranked)
+        out = torch.where(chosen[:, None], moved, masked)
+        return out.to(device=mask.device, dtype=mask.dtype)
+
     def forward(
         self, conditions: torch.Tensor | dict[str, torch.Tensor], grid: tuple[int, int], labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
