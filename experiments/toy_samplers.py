@@ -5,7 +5,8 @@
 
 Rows, for a head chain of K denoising steps (the scheduler's ``num_sampling_steps``; harmon-toy: 1000, Harmon:
 100): the exact sampler at 64 MAR steps (K head steps), the fast sampler at K/2 and K/4 head steps and at the
-issue's 50 and 25 (the same rows when K = 100), and the exact sampler at 32 and 16 MAR steps. Each row generates
+issue's 50 and 25 (the same rows when K = 100), and the exact sampler at 32 and 16 MAR steps (``--mar-steps``
+for others; ``--no-fast`` leaves the fast rows out). Each row generates
 the same prompts with the same seeds; times are the pipeline calls only (`harmon.toy.eval.geneval`), in the order
 listed, one process. Public API only.
 """
@@ -22,14 +23,18 @@ import torch
 from harmon.pipelines import HarmonPipeline
 from harmon.toy.eval import CATEGORIES, default_scorer, geneval
 
-def sampler_rows(chain: int) -> list[tuple[str, dict]]:
-    """The table's rows for a head chain of ``chain`` steps (see the module docstring)."""
+def sampler_rows(chain: int, mar_steps: tuple[int, ...] = (32, 16), fast: bool = True) -> list[tuple[str, dict]]:
+    """The table's rows for a head chain of ``chain`` steps (see the module docstring); ``mar_steps``: the exact
+    sampler's rows with fewer MAR steps than the 64 of the baseline; ``fast=False`` leaves the fast rows out."""
+    bad = [k for k in mar_steps if not 1 <= k < 64]
+    if bad:
+        raise ValueError(f"--mar-steps: each must be in [1, 64) (the baseline has 64), got {bad}")
     rows = [(f"exact, 64 MAR steps, {chain} head steps", dict(num_inference_steps=64, sampler="exact"))]
     for head_steps in dict.fromkeys((chain // 2, chain // 4, 50, 25)):
-        if 1 <= head_steps < chain:
+        if fast and 1 <= head_steps < chain:
             rows.append((f"fast, 64 MAR steps, {head_steps} head steps",
                          dict(num_inference_steps=64, sampler="fast", head_steps=head_steps)))
-    for mar_steps in (32, 16):
+    for mar_steps in mar_steps:
         rows.append((f"exact, {mar_steps} MAR steps, {chain} head steps",
                      dict(num_inference_steps=mar_steps, sampler="exact")))
     return rows
@@ -42,12 +47,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output-dir", type=Path, default=Path("results/toy_samplers"))
+    parser.add_argument("--mar-steps", type=int, nargs="+", default=[32, 16],
+                        help="the exact sampler's rows with fewer MAR steps than the baseline's 64")
+    parser.add_argument("--no-fast", action="store_true", help="leave the fast sampler's rows out")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     pipe = HarmonPipeline.from_pretrained(args.pipeline)
     scorer = default_scorer()
     rows = []
-    for name, kwargs in sampler_rows(pipe.scheduler.config.num_sampling_steps):
+    for name, kwargs in sampler_rows(pipe.scheduler.config.num_sampling_steps, tuple(args.mar_steps),
+                                     fast=not args.no_fast):
         runs = [geneval(pipe, args.prompts, seed=seed, scorer=scorer, **kwargs) for seed in args.seeds]
         row = {"sampler": name, "seconds": float(np.mean([r.seconds for r in runs]))}
         for key in (*CATEGORIES, "overall"):

@@ -135,3 +135,22 @@ def test_toy_encoders_trains_every_encoder_and_quantizes_for_vq(tmp_path, monkey
                               *argv[4:]]) == 0
     assert sorted(p.name for p in shared.glob("prepared-seed*")) == ["prepared-seed0"]
     assert [r["seed"] for r in json.loads((shared / "results.json").read_text())["rows"]] == [0, 1]
+
+
+def test_toy_samplers_rows_follow_the_chain_and_the_mar_steps_asked_for():
+    from experiments.toy_samplers import sampler_rows
+
+    names = [name for name, _ in sampler_rows(1000)]
+    assert names == ["exact, 64 MAR steps, 1000 head steps", "fast, 64 MAR steps, 500 head steps",
+                     "fast, 64 MAR steps, 250 head steps", "fast, 64 MAR steps, 50 head steps",
+                     "fast, 64 MAR steps, 25 head steps", "exact, 32 MAR steps, 1000 head steps",
+                     "exact, 16 MAR steps, 1000 head steps"]
+    assert [name for name, _ in sampler_rows(100)][1:3] == ["fast, 64 MAR steps, 50 head steps",
+                                                             "fast, 64 MAR steps, 25 head steps"]
+    rows = sampler_rows(1000, (8, 1), fast=False)
+    assert rows == [("exact, 64 MAR steps, 1000 head steps", {"num_inference_steps": 64, "sampler": "exact"}),
+                    ("exact, 8 MAR steps, 1000 head steps", {"num_inference_steps": 8, "sampler": "exact"}),
+                    ("exact, 1 MAR steps, 1000 head steps", {"num_inference_steps": 1, "sampler": "exact"})]
+    message = r"--mar-steps: each must be in \[1, 64\) \(the baseline has 64\), got \[0, 64\]"
+    with pytest.raises(ValueError, match=message):
+        sampler_rows(1000, (0, 64, 8))
