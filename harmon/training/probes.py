@@ -7,7 +7,9 @@ each region's average: cross-entropy against the region's labels (``region_label
 e.g. ``{"left": {"digit": 3, "colour": 0}}``). Rows whose caption was dropped for classifier-free guidance and
 labels that are absent count for nothing (ignored), so the probes only reward conditions that carry the *caption*.
 The probes live in the training module, not in the model: they are trained with it, checkpointed with it and never
-exported.
+exported. :meth:`ConditionProbes.mask_regions` also uses their regions to change the training mask (a share of the
+rows with one region masked whole: ``region_masking`` in the recipe), so that the conditions are trained in the
+state MAR's sampling is in when it draws a region's first token.
 
 Why: the diffusion loss gives a word that only changes fine shape (the toy's digit value, beside its colour and
 side) so weak a gradient that a small model from scratch never routes it to the conditions (measured on harmon-toy:
