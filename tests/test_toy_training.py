@@ -19,7 +19,9 @@ SHORT = dict(num_images=600, vae_from="harmon-toy", stage_steps=(10, 500, 10, 10
 # 700 stage-II steps and 0.291 on the single-question data; with the shipped VAE, 0.513 at 0.1 and 0.632 at 1.0
 # (training 177 s). A 100-step VAE loses the colours (docs/toy.md), so the colour answers could not be learned.
 # stage II: understanding only, from the multi-turn conversations (every question of an image answered in one
-# sample), so that 500 steps learn to answer. Generation is not asserted: measured, a 3-minute run that also
+# sample), so that 500 steps learn to answer. Generation is not asserted: no 3-minute run
+# beat chance on the toy GenEval, also scored at one MAR step (ten variants measured on 2026-12-04: docs/toy.md,
+# "The shortened run"). Scored at 16 MAR steps before that: a 3-minute run that also
 # trains generation (stage II half text→image, 100 head steps) drew one digit for a one-digit prompt no more often
 # than its untrained init (toy GenEval counting 0.50) and no longer beat the majority on understanding either;
 # nor did one whose stage III is 300 text→image steps with the LLM, encoder and proj_in frozen (understanding kept,
