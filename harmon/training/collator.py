@@ -191,6 +191,8 @@ class HarmonCollator:
             label_rows = None
         else:
             raise ValueError(f"unknown task {task!r}")
+        if "pixels" in batch and all("image_key" in s for s in samples):
+            batch["image_keys"] = [s["image_key"] for s in samples]  # the latent cache's keys (training.latent_cache)
         batch["input_ids"] = self.pad(rows, self.pad_id)
         batch["attention_mask"] = self.pad([[1] * len(row) for row in rows], 0)
         if label_rows is not None:

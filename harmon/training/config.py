@@ -357,6 +357,11 @@ class TrainingConfig(_Strict):
         "auto", description="auto: bf16 on CUDA, fp32 elsewhere"
     )
     gradient_checkpointing: bool = False
+    latent_cache_size: NonNegativeInt = Field(
+        0, description="images whose frozen-VAE tokens are kept in memory after their first encoding and reused "
+        "(exact: the VAE is frozen and the preprocessing deterministic; harmon.training.latent_cache); 0: off, "
+        "every draw is encoded",
+    )
     log_every: PositiveInt = 10
     checkpoint_every: PositiveInt = 1000
     keep_last: PositiveInt = 3

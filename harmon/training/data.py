@@ -134,8 +134,11 @@ class CaptionRecords:
                 labels[r, t] = value
         return str(annotation[self.source.caption_key]).strip(), labels
 
+    def image_path(self, index: int) -> Path:
+        return self.image_folder / self.entries[index]["image"]
+
     def image(self, index: int) -> Image.Image:
-        return load_rgb(self.image_folder / self.entries[index]["image"])
+        return load_rgb(self.image_path(index))
 
 
 class LlavaRecords:
@@ -160,8 +163,11 @@ class LlavaRecords:
     def __len__(self) -> int:
         return len(self.entries)
 
+    def image_path(self, index: int) -> Path:
+        return self.image_folder / self.entries[index]["image"]
+
     def image(self, index: int) -> Image.Image:
-        return load_rgb(self.image_folder / self.entries[index]["image"])
+        return load_rgb(self.image_path(index))
 
 
 def _checked_turns(entry: dict, path: Path, index: int) -> list[tuple[str, str]]:
@@ -251,8 +257,11 @@ class ImageFolderRecords:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def image_path(self, index: int) -> Path:
+        return self.paths[index]
+
     def image(self, index: int) -> Image.Image:
-        return load_rgb(self.paths[index])
+        return load_rgb(self.image_path(index))
 
 
 _RECORDS = {"caption": CaptionRecords, "llava": LlavaRecords, "text": TextRecords, "images": ImageFolderRecords}
@@ -262,7 +271,8 @@ _RECORDS = {"caption": CaptionRecords, "llava": LlavaRecords, "text": TextRecord
 class MultiTaskDataset(Dataset):
     """Samples keyed by ``(task, index, draw)``: ``index`` runs over the task's sources one after another.
 
-    Returns ``{"task", "draw", …}`` plus ``pixels`` and ``caption`` (text→image), ``pixels`` and ``turns``
+    Returns ``{"task", "draw", …}`` (and ``image_key`` for the tasks with an image) plus ``pixels`` and
+    ``caption`` (text→image), ``pixels`` and ``turns``
     (image→text), ``text`` (text), or ``pixels`` (reconstruction: the generation crop, which is both what the
     understanding path reads and the target).
     """
@@ -297,6 +307,9 @@ class MultiTaskDataset(Dataset):
         task, index, draw = key
         records, local = self._locate(task, int(index))
         sample: dict[str, Any] = {"task": task, "draw": int(draw)}
+        if task != "text":  # for the latent cache: the image file and its preprocessing fix the VAE tokens
+            kind = "understanding" if task == "image_to_text" else "generation"
+            sample["image_key"] = (kind, str(records.image_path(local)))
         if task == "text_to_image":
             sample["pixels"] = generation_pixels(records.image(local), self.image_size)
             if self.probes is not None and isinstance(records, CaptionRecords):

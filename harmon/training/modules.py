@@ -14,6 +14,7 @@ from torch import nn
 
 from harmon.model import HarmonModel
 from harmon.training.config import MODULE_NAMES, ConditionProbeConfig, ModelSource, TrainConfig
+from harmon.training.latent_cache import LatentCache
 from harmon.training.probes import ConditionProbes
 
 logger = logging.getLogger(__name__)
@@ -170,11 +171,14 @@ class HarmonTrainingModule(nn.Module):
     DeepSpeed hook into (calling the model's methods directly would bypass their gradient synchronisation)."""
 
     def __init__(
-        self, model: HarmonModel, image_token_id: int, probes: ConditionProbeConfig | None = None
+        self, model: HarmonModel, image_token_id: int, probes: ConditionProbeConfig | None = None,
+        latent_cache_size: int = 0,
     ) -> None:
         super().__init__()
         self.model = model
         self.image_token_id = image_token_id
+        # the frozen VAE's tokens of each training image, encoded once (harmon.training.latent_cache); None: off
+        self.latent_cache = LatentCache(latent_cache_size) if latent_cache_size > 0 else None
         # training-only region classifiers on the text→image conditions (harmon.training.probes); not in `model`,
         # so never exported
         self.probes = None
@@ -198,11 +202,19 @@ class HarmonTrainingModule(nn.Module):
         self.model.vae.eval()  # frozen, and encodes deterministically (posterior mode)
         return self
 
+    def image_tokens(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The VAE tokens of ``batch["pixels"]``: from the latent cache for the images it holds (by the batch's
+        ``image_keys``), encoded otherwise."""
+        keys = batch.get("image_keys")
+        if self.latent_cache is None or keys is None:
+            return self.model.encode_image(batch["pixels"])
+        return self.latent_cache.tokens(self.model.encode_image, batch["pixels"], keys)
+
     def forward(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
         model = self.model
         task = batch["task"]
         if task == "text_to_image":
-            tokens = model.encode_image(batch["pixels"])
+            tokens = self.image_tokens(batch)
             if self.probes is None:
                 return model.text_to_image_loss(
                     tokens, batch["input_ids"], batch["attention_mask"], generator=generator
@@ -231,7 +243,7 @@ class HarmonTrainingModule(nn.Module):
         if task == "image_to_text":
             pixels = batch["pixels"]
             if not getattr(model, "understanding_reads_pixels", False):
-                tokens = model.encode_image(pixels)
+                tokens = self.image_tokens(batch)
             else:
                 tokens = None  # a decoupled pixel encoder reads the pixels itself
             args = (tokens, batch["input_ids"], batch["attention_mask"], batch["labels"], self.image_token_id)
@@ -241,7 +253,7 @@ class HarmonTrainingModule(nn.Module):
         if task == "reconstruction":
             pixels = batch["pixels"]
             return model.reconstruction_loss(
-                model.encode_image(pixels), batch["input_ids"], batch["attention_mask"], self.image_token_id,
+                self.image_tokens(batch), batch["input_ids"], batch["attention_mask"], self.image_token_id,
                 pixels=pixels, generator=generator,
             )
         if task == "text":

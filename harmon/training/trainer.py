@@ -185,7 +185,8 @@ class Trainer:
         self.trainable = apply_freezing(model, config)
         self.checkpointed_modules = enable_gradient_checkpointing(model) if training.gradient_checkpointing else []
         self.model = model
-        self.module = HarmonTrainingModule(model, self.image_token_id, config.condition_probes).train()
+        self.module = HarmonTrainingModule(model, self.image_token_id, config.condition_probes,
+                                           training.latent_cache_size).train()
 
         groups = parameter_groups(self.trainable, config)
         if self.module.probes is not None:  # training-only classifiers (harmon.training.probes): no weight decay
