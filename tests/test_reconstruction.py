@@ -196,10 +196,13 @@ def test_reconstruction_reads_images_from_every_image_layout(shapes, tmp_path):
     dataset = MultiTaskDataset(config.data)
     assert dataset.task_size("reconstruction") == 3 * 12  # folder + caption layout + llava, the same 12 images
     sample = dataset[("reconstruction", 0, 0)]
-    assert set(sample) == {"task", "draw", "pixels"} and sample["pixels"].shape == (3, 64, 64)
-    folder_first = dataset[("reconstruction", 0, 0)]["pixels"]
-    caption_first = dataset[("reconstruction", 12, 0)]["pixels"]
-    assert torch.equal(folder_first, caption_first)  # images/00000.png either way
+    assert set(sample) == {"task", "draw", "pixels", "image_key"} and sample["pixels"].shape == (3, 64, 64)
+    folder_first = dataset[("reconstruction", 0, 0)]
+    caption_first = dataset[("reconstruction", 12, 0)]
+    assert torch.equal(folder_first["pixels"], caption_first["pixels"])  # images/00000.png either way
+    # so one latent-cache entry serves both (training.latent_cache_size): the file and the generation crop
+    expected_key = ("generation", str(shapes / "images" / "00000.png"))
+    assert folder_first["image_key"] == caption_first["image_key"] == expected_key
 
 
 def test_reconstruction_sources_are_checked(shapes, tmp_path):
