@@ -20,7 +20,7 @@ SHORT = dict(num_images=600, vae_from="harmon-toy", stage_steps=(10, 500, 10, 10
 # (training 177 s). A 100-step VAE loses the colours (docs/toy.md), so the colour answers could not be learned.
 # stage II: understanding only, from the multi-turn conversations (every question of an image answered in one
 # sample), so that 500 steps learn to answer. Generation is not asserted: no 3-minute run
-# beat chance on the toy GenEval, also scored at one MAR step (ten variants measured on 2026-12-04: docs/toy.md,
+# beat chance on the toy GenEval, also scored at one MAR step (fourteen variants measured on 2026-12-04: docs/toy.md,
 # "The shortened run"). Scored at 16 MAR steps before that: a 3-minute run that also
 # trains generation (stage II half text→image, 100 head steps) drew one digit for a one-digit prompt no more often
 # than its untrained init (toy GenEval counting 0.50) and no longer beat the majority on understanding either;
