@@ -271,10 +271,10 @@ _RECORDS = {"caption": CaptionRecords, "llava": LlavaRecords, "text": TextRecord
 class MultiTaskDataset(Dataset):
     """Samples keyed by ``(task, index, draw)``: ``index`` runs over the task's sources one after another.
 
-    Returns ``{"task", "draw", …}`` (and ``image_key`` for the tasks with an image) plus ``pixels`` and
-    ``caption`` (text→image), ``pixels`` and ``turns``
+    Returns ``{"task", "draw", …}`` plus ``pixels`` and ``caption`` (text→image), ``pixels`` and ``turns``
     (image→text), ``text`` (text), or ``pixels`` (reconstruction: the generation crop, which is both what the
-    understanding path reads and the target).
+    understanding path reads and the target). Samples with an image also carry ``image_key`` (its file and
+    preprocessing), the key of ``training.latent_cache_size``'s cache.
     """
 
     def __init__(self, data: DataConfig, probes: ConditionProbeConfig | None = None) -> None:
