@@ -81,7 +81,20 @@ def understanding_pixels(image: Image.Image, size: int) -> torch.Tensor:
 
 
 # -------------------------------------------------------------------------------------------------- records
-class CaptionRecords:
+class _EntryImages:
+    """``image_path`` / ``image`` of records whose entries name their image relative to ``image_folder``."""
+
+    image_folder: Path
+    entries: list[dict]
+
+    def image_path(self, index: int) -> Path:
+        return self.image_folder / self.entries[index]["image"]
+
+    def image(self, index: int) -> Image.Image:
+        return load_rgb(self.image_path(index))
+
+
+class CaptionRecords(_EntryImages):
     """Image–caption pairs in the release layout (see :class:`~harmon.training.config.CaptionSource`)."""
 
     def __init__(self, source: CaptionSource, data: DataConfig) -> None:
@@ -134,14 +147,8 @@ class CaptionRecords:
                 labels[r, t] = value
         return str(annotation[self.source.caption_key]).strip(), labels
 
-    def image_path(self, index: int) -> Path:
-        return self.image_folder / self.entries[index]["image"]
 
-    def image(self, index: int) -> Image.Image:
-        return load_rgb(self.image_path(index))
-
-
-class LlavaRecords:
+class LlavaRecords(_EntryImages):
     """LLaVA conversations with an image (see :class:`~harmon.training.config.LlavaSource`)."""
 
     def __init__(self, source: LlavaSource, data: DataConfig) -> None:
@@ -162,12 +169,6 @@ class LlavaRecords:
 
     def __len__(self) -> int:
         return len(self.entries)
-
-    def image_path(self, index: int) -> Path:
-        return self.image_folder / self.entries[index]["image"]
-
-    def image(self, index: int) -> Image.Image:
-        return load_rgb(self.image_path(index))
 
 
 def _checked_turns(entry: dict, path: Path, index: int) -> list[tuple[str, str]]:
